@@ -1,0 +1,1 @@
+//! usernet DNS server. Skeleton only: the DNS issue fills it in (hickory-server).

@@ -1,0 +1,208 @@
+//! The command line: clap definitions, and turning flags into [`PlanSettings`] and a list of
+//! transports. No I/O here beyond what clap does.
+
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use clap::Parser;
+use ipnet::Ipv4Net;
+
+use crate::plan::{Mac, PlanSettings, StaticLease};
+use crate::transport::{parse_dgram_path, StreamAddr};
+
+const ATTACH_HELP: &str = "\
+Attaching a VM (any number of transports, each flag may be repeated):
+  QEMU, usernet listens:    usernet --listen-qemu /tmp/usernet.sock
+                            qemu-system-x86_64 ... -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/tmp/usernet.sock \\
+                                -device virtio-net-pci,netdev=n0
+  QEMU listens:             qemu ... -netdev stream,id=n0,server=on,addr.type=unix,addr.path=/tmp/qemu.sock
+                            usernet --connect-qemu /tmp/qemu.sock
+  QEMU datagrams / vfkit:   usernet --listen-dgram /tmp/usernet.dgram
+                            qemu ... -netdev dgram,id=n0,local.type=unix,local.path=/tmp/vm.dgram,remote.type=unix,remote.path=/tmp/usernet.dgram
+  Lima (lima.yaml):         networks: [{socket: /tmp/usernet.sock}]   with   usernet --listen-qemu /tmp/usernet.sock
+  fds over a socket (VZ):   usernet --listen-fd /tmp/usernet-fd.sock   (each SCM_RIGHTS fd is one VM)
+  inherited socketpair:     usernet --fd 3                              (QEMU: -netdev socket,id=n0,fd=N)
+  network namespace (root): usernet --tap-netns /run/netns/NAME [--tap tap0]
+";
+
+/// usernet: a user-mode virtual network for VMs and containers (slirp / gvproxy replacement).
+///
+/// The guest gets Lima's plan by default: subnet 192.168.5.0/24, guest 192.168.5.15, host
+/// (gateway, the host's loopback) 192.168.5.2, DNS 192.168.5.3, by DHCP.
+#[derive(Debug, Parser)]
+#[command(name = "usernet", version, after_help = ATTACH_HELP)]
+pub struct Cli {
+    /// Listen for QEMU `-netdev stream` peers (4-byte length prefix), many VMs at once.
+    /// PATH, unix://PATH or tcp://127.0.0.1:PORT. Example: --listen-qemu /tmp/usernet.sock
+    #[arg(long, value_name = "ADDR", help_heading = "Transports")]
+    pub listen_qemu: Vec<StreamAddr>,
+    /// Connect to a QEMU `-netdev stream,server=on` socket; retry until it accepts, reconnect
+    /// when it goes away. Example: --connect-qemu /tmp/qemu.sock
+    #[arg(long, value_name = "ADDR", help_heading = "Transports")]
+    pub connect_qemu: Vec<StreamAddr>,
+    /// Bind a unix datagram socket, one frame per datagram (QEMU `-netdev dgram`, VZ, vfkit);
+    /// the peer is learned from its first datagram. Example: --listen-dgram unixgram:///tmp/un.dgram
+    #[arg(long, value_name = "PATH", value_parser = parse_dgram_path, help_heading = "Transports")]
+    pub listen_dgram: Vec<PathBuf>,
+    /// Listen on a unix socket for fds passed by SCM_RIGHTS (Lima's `_fd.sock`); each fd is one
+    /// VM, framed by its SO_TYPE. Example: --listen-fd /tmp/usernet-fd.sock
+    #[arg(long, value_name = "PATH", help_heading = "Transports")]
+    pub listen_fd: Vec<PathBuf>,
+    /// Serve an inherited socket fd (stream: length prefix; datagram: one frame each).
+    /// Example: --fd 3
+    #[arg(long = "fd", value_name = "N", help_heading = "Transports")]
+    pub fds: Vec<RawFd>,
+    /// Create a tap device in the network namespace at PATH and serve it (Linux, needs
+    /// CAP_NET_ADMIN there). Example: --tap-netns /run/netns/guest
+    #[arg(long, value_name = "PATH", help_heading = "Transports")]
+    pub tap_netns: Vec<PathBuf>,
+    /// The tap device name for the --tap-netns given at the same position (default tap0).
+    /// Example: --tap eth0
+    #[arg(long, value_name = "NAME", help_heading = "Transports")]
+    pub tap: Vec<String>,
+
+    /// A YAML file with plan keys (subnet, host-ip, ...), or a Lima networks.yaml.
+    /// Example: --config ~/.lima/_config/networks.yaml --network user-v2
+    #[arg(long, value_name = "FILE", help_heading = "Network plan")]
+    pub config: Option<PathBuf>,
+    /// The entry to take from a Lima networks.yaml (default user-v2). Example: --network shared
+    #[arg(long, value_name = "NAME", help_heading = "Network plan")]
+    pub network: Option<String>,
+    /// The guest subnet. Example: --subnet 10.66.0.0/24 [default: 192.168.5.0/24]
+    #[arg(long, value_name = "CIDR", help_heading = "Network plan")]
+    pub subnet: Option<Ipv4Net>,
+    /// The host address: the guest's gateway, and the host's loopback as the guest sees it.
+    /// Example: --host-ip 192.168.5.2 [default: network+2]
+    #[arg(long, value_name = "IP", help_heading = "Network plan")]
+    pub host_ip: Option<Ipv4Addr>,
+    /// The DNS server address inside the network. Example: --dns-ip 192.168.5.3 [default: network+3]
+    #[arg(long, value_name = "IP", help_heading = "Network plan")]
+    pub dns_ip: Option<Ipv4Addr>,
+    /// The first guest's address. Example: --guest-ip 192.168.5.15 [default: network+15]
+    #[arg(long, value_name = "IP", help_heading = "Network plan")]
+    pub guest_ip: Option<Ipv4Addr>,
+    /// First address of the DHCP pool. Example: --dhcp-start 192.168.5.15 [default: guest-ip]
+    #[arg(long, value_name = "IP", help_heading = "Network plan")]
+    pub dhcp_start: Option<Ipv4Addr>,
+    /// Last address of the DHCP pool. Example: --dhcp-end 192.168.5.100 [default: last usable]
+    #[arg(long, value_name = "IP", help_heading = "Network plan")]
+    pub dhcp_end: Option<Ipv4Addr>,
+    /// The link MTU, 576 to 65520, handed out by DHCP (option 26). Example: --mtu 65520 [default: 1500]
+    #[arg(long, value_name = "N", help_heading = "Network plan")]
+    pub mtu: Option<u32>,
+    /// The gateway's MAC address. Example: --gateway-mac 5a:94:ef:e4:0c:dd
+    #[arg(long, value_name = "MAC", help_heading = "Network plan")]
+    pub gateway_mac: Option<Mac>,
+    /// DHCP lease time in seconds. Example: --lease-time 3600
+    #[arg(long, value_name = "SECS", help_heading = "Network plan")]
+    pub lease_time: Option<u64>,
+    /// DHCP domain search list (option 119). Example: --search lima.internal,example.com
+    /// [default: the host's resolv.conf search]
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        value_delimiter = ',',
+        help_heading = "Network plan"
+    )]
+    pub search: Option<Vec<String>>,
+    /// DNS servers handed out by DHCP. Example: --dns 192.168.5.3 [default: dns-ip]
+    #[arg(
+        long,
+        value_name = "IP",
+        value_delimiter = ',',
+        help_heading = "Network plan"
+    )]
+    pub dns: Option<Vec<Ipv4Addr>>,
+    /// Static DHCP leases, as Lima passes them. Example: --leases 192.168.5.20=52:55:55:12:34:56
+    #[arg(
+        long,
+        value_name = "IP=MAC",
+        value_delimiter = ',',
+        help_heading = "DHCP"
+    )]
+    pub leases: Option<Vec<StaticLease>>,
+    /// Keep DHCP leases in this JSON file across restarts. Example: --lease-file /tmp/leases.json
+    #[arg(long, value_name = "FILE", help_heading = "DHCP")]
+    pub lease_file: Option<PathBuf>,
+}
+
+/// One transport to start, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportSpec {
+    /// `--listen-qemu`
+    ListenQemu(StreamAddr),
+    /// `--connect-qemu`
+    ConnectQemu(StreamAddr),
+    /// `--listen-dgram`
+    ListenDgram(PathBuf),
+    /// `--listen-fd`
+    ListenFd(PathBuf),
+    /// `--fd`
+    Fd(RawFd),
+    /// `--tap-netns` with its `--tap`
+    Tap {
+        /// The namespace file.
+        netns: PathBuf,
+        /// The device name.
+        name: String,
+    },
+}
+
+impl Cli {
+    /// The plan settings the flags give (every unset flag is `None`).
+    pub fn plan_settings(&self) -> PlanSettings {
+        PlanSettings {
+            subnet: self.subnet,
+            host_ip: self.host_ip,
+            dns_ip: self.dns_ip,
+            guest_ip: self.guest_ip,
+            dhcp_start: self.dhcp_start,
+            dhcp_end: self.dhcp_end,
+            mtu: self.mtu,
+            gateway_mac: self.gateway_mac,
+            lease_time: self.lease_time,
+            search: self.search.clone(),
+            dns: self.dns.clone(),
+            leases: self.leases.clone(),
+        }
+    }
+
+    /// Every transport the flags name.
+    pub fn transports(&self) -> Vec<TransportSpec> {
+        let mut t = Vec::new();
+        t.extend(
+            self.listen_qemu
+                .iter()
+                .cloned()
+                .map(TransportSpec::ListenQemu),
+        );
+        t.extend(
+            self.connect_qemu
+                .iter()
+                .cloned()
+                .map(TransportSpec::ConnectQemu),
+        );
+        t.extend(
+            self.listen_dgram
+                .iter()
+                .cloned()
+                .map(TransportSpec::ListenDgram),
+        );
+        t.extend(self.listen_fd.iter().cloned().map(TransportSpec::ListenFd));
+        t.extend(self.fds.iter().copied().map(TransportSpec::Fd));
+        for (i, netns) in self.tap_netns.iter().enumerate() {
+            let name = self.tap.get(i).cloned().unwrap_or_else(|| "tap0".into());
+            t.push(TransportSpec::Tap {
+                netns: netns.clone(),
+                name,
+            });
+        }
+        t
+    }
+
+    /// How to attach a VM, for `usernet` run with no transport.
+    pub fn attach_help() -> &'static str {
+        ATTACH_HELP
+    }
+}

@@ -1,0 +1,134 @@
+//! The daemon: from parsed flags to a running network. Builds the [`Plan`] (defaults < YAML <
+//! flags), starts the switch, the gateway and every transport, and on SIGTERM/SIGINT stops,
+//! writes the lease file and removes the sockets it created.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, TransportSpec};
+use crate::config;
+use crate::gateway::{self, GatewaySetup};
+use crate::plan::{Plan, PlanSettings};
+use crate::switch::Switch;
+use crate::transport::{dgram, fd, fdpass, stream, tap};
+
+/// A configuration error: reported in one line, exit status 2, nothing started.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The plan the flags (and the file they name) ask for.
+pub fn plan_from(cli: &Cli) -> Result<Plan, ConfigError> {
+    let mut settings = PlanSettings::default();
+    if let Some(path) = &cli.config {
+        let file = config::load_file(path, cli.network.as_deref())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings = settings.merge(file);
+    } else if let Some(name) = &cli.network {
+        return Err(ConfigError(format!(
+            "network {name:?} needs --config FILE (a Lima networks.yaml)"
+        )));
+    }
+    let settings = settings.merge(cli.plan_settings());
+    Plan::resolve(settings, &config::host_search_domains()).map_err(|e| ConfigError(e.to_string()))
+}
+
+/// Everything `run` needs besides the plan.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The transports to start.
+    pub transports: Vec<TransportSpec>,
+    /// `--lease-file`
+    pub lease_file: Option<PathBuf>,
+}
+
+/// The DHCP server for `plan`, with the leases saved in `lease_file` restored.
+pub fn dhcp_server(
+    plan: &Plan,
+    lease_file: Option<&std::path::Path>,
+) -> Result<dhcp::Server, ConfigError> {
+    let saved = match lease_file {
+        Some(p) => dhcp::store::load(p)
+            .map_err(|e| ConfigError(format!("lease-file {}: {e}", p.display())))?,
+        None => Vec::new(),
+    };
+    dhcp::Server::new(gateway::dhcp_config(plan), saved).map_err(|e| ConfigError(e.to_string()))
+}
+
+/// Run the network until SIGTERM or SIGINT.
+pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Result<()> {
+    let switch = Switch::new(plan.mtu);
+    let gw = gateway::start(
+        &switch,
+        &plan,
+        GatewaySetup {
+            dhcp,
+            lease_file: opts.lease_file.clone(),
+        },
+    );
+    let mut created: Vec<PathBuf> = Vec::new();
+    let started = start_transports(&switch, &plan, &opts.transports, &mut created).await;
+    if let Err(e) = started {
+        remove_all(&created);
+        return Err(e);
+    }
+    tracing::info!(
+        "usernet serving {} (host {}, dns {}, first guest {}, mtu {})",
+        plan.subnet,
+        plan.host_ip,
+        plan.dns_ip,
+        plan.guest_ip,
+        plan.mtu
+    );
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    let saved = gw.shutdown().await;
+    remove_all(&created);
+    saved
+}
+
+async fn start_transports(
+    switch: &std::sync::Arc<Switch>,
+    plan: &Plan,
+    specs: &[TransportSpec],
+    created: &mut Vec<PathBuf>,
+) -> anyhow::Result<()> {
+    for spec in specs {
+        match spec {
+            TransportSpec::ListenQemu(addr) => created.extend(stream::listen(switch, addr).await?),
+            TransportSpec::ConnectQemu(addr) => stream::connect(switch, addr.clone()),
+            TransportSpec::ListenDgram(path) => created.push(dgram::listen(switch, path)?),
+            TransportSpec::ListenFd(path) => created.push(fdpass::listen(switch, path)?),
+            TransportSpec::Fd(n) => {
+                // SAFETY: F_GETFD only asks whether the number is an open fd.
+                if unsafe { libc::fcntl(*n, libc::F_GETFD) } < 0 {
+                    anyhow::bail!("fd {n} is not an open file descriptor");
+                }
+                // SAFETY: the fd is open and was handed to us to own (`--fd N`).
+                let owned = unsafe { OwnedFd::from_raw_fd(*n) };
+                fd::adopt(switch, owned, format!("fd {n}")).with_context(|| format!("fd {n}"))?;
+            }
+            TransportSpec::Tap { netns, name } => tap::start(switch, netns, name, plan.mtu)?,
+        }
+    }
+    Ok(())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

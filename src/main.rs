@@ -1,0 +1,58 @@
+//! The `usernet` command: parse flags, build the plan, run the daemon.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use usernet::cli::Cli;
+use usernet::daemon;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let prepared = daemon::plan_from(&cli)
+        .and_then(|plan| daemon::dhcp_server(&plan, cli.lease_file.as_deref()).map(|d| (plan, d)));
+    let (plan, dhcp) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("usernet: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let transports = cli.transports();
+    if transports.is_empty() {
+        eprintln!(
+            "usernet: no transport given, so no VM can attach.\n\n{}",
+            Cli::attach_help()
+        );
+        return ExitCode::from(2);
+    }
+    let opts = daemon::Options {
+        transports,
+        lease_file: cli.lease_file.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("usernet: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(plan, dhcp, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usernet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The virtual L2 switch: every guest port and the gateway port hang off it.
+//!
+//! A learning switch: the source MAC of each frame is remembered for its port; a frame to a
+//! known unicast MAC goes to that port only, a broadcast or multicast frame goes to every port
+//! but its source, a frame to an unknown unicast MAC is dropped (every station on this link
+//! announces itself by ARP or DHCP before anyone unicasts to it). Entries age out. Each port has
+//! a bounded queue: a port that does not keep up loses frames (counted), it never stalls the
+//! others. The switch does not parse anything above the Ethernet header.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use netstack::MacAddr;
+
+/// Identifies one port of the switch.
+pub type PortId = u64;
+
+/// Frames queued towards one port before it starts losing them.
+pub const PORT_QUEUE: usize = 1024;
+
+/// How long a learned MAC stays without being seen again.
+pub const MAC_AGING: Duration = Duration::from_secs(300);
+
+/// Switch-wide counters (atomics: every port's task updates them).
+#[derive(Debug, Default)]
+pub struct SwitchCounters {
+    /// Frames accepted from ports.
+    pub frames_in: AtomicU64,
+    /// Frames queued towards ports (a broadcast counts once per port).
+    pub frames_out: AtomicU64,
+    /// Bytes accepted from ports.
+    pub bytes_in: AtomicU64,
+    /// Frames shorter than an Ethernet header.
+    pub drop_runt: AtomicU64,
+    /// Frames longer than MTU + 14.
+    pub drop_oversize: AtomicU64,
+    /// Frames to a unicast MAC that no port has shown.
+    pub drop_unknown_unicast: AtomicU64,
+    /// Frames from a multicast/broadcast source MAC.
+    pub drop_bad_source: AtomicU64,
+    /// Frames lost because the destination port's queue was full.
+    pub drop_queue_full: AtomicU64,
+    /// Framing errors reported by transports (bad length prefix, bad datagram).
+    pub drop_framing: AtomicU64,
+    /// Ports attached so far.
+    pub ports_attached: AtomicU64,
+    /// Ports detached so far.
+    pub ports_detached: AtomicU64,
+}
+
+impl SwitchCounters {
+    /// Add one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Port {
+    name: String,
+    tx: mpsc::Sender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    ports: HashMap<PortId, Port>,
+    macs: HashMap<MacAddr, (PortId, Instant)>,
+    next_id: PortId,
+}
+
+/// The switch. Share it as `Arc<Switch>`.
+pub struct Switch {
+    state: Mutex<State>,
+    max_frame: usize,
+    counters: SwitchCounters,
+}
+
+/// A port's receiving end: the frames the switch sends to this port. Dropping it (and its
+/// [`PortTx`]) detaches the port.
+pub struct PortRx {
+    /// Frames for this port, in order.
+    pub frames: mpsc::Receiver<Bytes>,
+}
+
+/// A port's sending end: frames entering the switch from this port.
+#[derive(Clone)]
+pub struct PortTx {
+    id: PortId,
+    switch: Arc<Switch>,
+}
+
+impl Switch {
+    /// A switch for frames of at most `mtu + 14` bytes.
+    pub fn new(mtu: u16) -> Arc<Switch> {
+        Arc::new(Switch {
+            state: Mutex::new(State::default()),
+            max_frame: usize::from(mtu) + 14,
+            counters: SwitchCounters::default(),
+        })
+    }
+
+    /// The largest frame accepted (MTU + Ethernet header).
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// The switch's counters.
+    pub fn counters(&self) -> &SwitchCounters {
+        &self.counters
+    }
+
+    /// Attach a new port named `name` (for logs).
+    pub fn attach(self: &Arc<Self>, name: impl Into<String>) -> (PortTx, PortRx) {
+        let (tx, rx) = mpsc::channel(PORT_QUEUE);
+        let name = name.into();
+        let id = {
+            let mut st = self.state.lock().unwrap();
+            st.next_id += 1;
+            let id = st.next_id;
+            st.ports.insert(
+                id,
+                Port {
+                    name: name.clone(),
+                    tx,
+                },
+            );
+            id
+        };
+        SwitchCounters::bump(&self.counters.ports_attached);
+        tracing::info!(port = id, %name, "port attached");
+        (
+            PortTx {
+                id,
+                switch: Arc::clone(self),
+            },
+            PortRx { frames: rx },
+        )
+    }
+
+    /// Remember `mac` as living on `port` for good (the gateway's own MAC).
+    pub fn pin_mac(&self, port: &PortTx, mac: MacAddr) {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        self.state.lock().unwrap().macs.insert(mac, (port.id, far));
+    }
+
+    fn detach(&self, id: PortId) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(port) = st.ports.remove(&id) {
+            st.macs.retain(|_, (p, _)| *p != id);
+            SwitchCounters::bump(&self.counters.ports_detached);
+            tracing::info!(port = id, name = %port.name, "port detached");
+        }
+    }
+
+    fn forward(&self, from: PortId, frame: Bytes) {
+        let c = &self.counters;
+        if frame.len() < 14 {
+            SwitchCounters::bump(&c.drop_runt);
+            return;
+        }
+        if frame.len() > self.max_frame {
+            SwitchCounters::bump(&c.drop_oversize);
+            return;
+        }
+        let dst: MacAddr = frame[0..6].try_into().unwrap();
+        let src: MacAddr = frame[6..12].try_into().unwrap();
+        if src[0] & 1 == 1 {
+            SwitchCounters::bump(&c.drop_bad_source);
+            return;
+        }
+        SwitchCounters::bump(&c.frames_in);
+        c.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        match st.macs.get_mut(&src) {
+            Some(entry) if entry.0 == from => {
+                if entry.1 < now + MAC_AGING {
+                    entry.1 = now;
+                }
+            }
+            Some(entry) if entry.1 > now + MAC_AGING => {
+                // A pinned MAC (the gateway's) is not taken over by a guest claiming it.
+                SwitchCounters::bump(&c.drop_bad_source);
+                return;
+            }
+            _ => {
+                st.macs.insert(src, (from, now));
+            }
+        }
+        if dst[0] & 1 == 1 {
+            for (id, port) in st.ports.iter() {
+                if *id != from {
+                    Self::enqueue(c, port, frame.clone());
+                }
+            }
+            return;
+        }
+        let target = match st.macs.get(&dst) {
+            Some((id, seen)) if *seen > now || now.duration_since(*seen) < MAC_AGING => Some(*id),
+            _ => None,
+        };
+        match target.and_then(|id| st.ports.get(&id).map(|p| (id, p))) {
+            Some((id, port)) if id != from => Self::enqueue(c, port, frame),
+            Some(_) => {} // to itself: a switch drops it
+            None => {
+                st.macs.remove(&dst);
+                SwitchCounters::bump(&c.drop_unknown_unicast);
+            }
+        }
+    }
+
+    fn enqueue(c: &SwitchCounters, port: &Port, frame: Bytes) {
+        match port.tx.try_send(frame) {
+            Ok(()) => SwitchCounters::bump(&c.frames_out),
+            Err(_) => SwitchCounters::bump(&c.drop_queue_full),
+        }
+    }
+}
+
+impl PortTx {
+    /// This port's id.
+    pub fn id(&self) -> PortId {
+        self.id
+    }
+
+    /// A frame entered the switch from this port.
+    pub fn send(&self, frame: Bytes) {
+        self.switch.forward(self.id, frame);
+    }
+
+    /// Count a framing error seen by this port's transport.
+    pub fn framing_error(&self) {
+        SwitchCounters::bump(&self.switch.counters.drop_framing);
+    }
+
+    /// The switch this port belongs to.
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    /// Detach the port now (also done when the transport ends).
+    pub fn detach(&self) {
+        self.switch.detach(self.id);
+    }
+}
