@@ -262,8 +262,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs() {
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        fn ip(s: &str) -> Ipv4Addr {
+            s.parse().unwrap()
+        }
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|c| c.subnet = "192.168.5.0/31".parse().unwrap()),
                 "too small",

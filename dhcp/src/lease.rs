@@ -91,7 +91,7 @@ impl LeaseTable {
     /// dropped with a warning; of two saved leases for the same IP or MAC, the one
     /// expiring later wins.
     pub(crate) fn restore(&mut self, mut saved: Vec<Lease>) {
-        saved.sort_by(|a, b| b.expires.cmp(&a.expires));
+        saved.sort_by_key(|l| std::cmp::Reverse(l.expires));
         for l in saved {
             let fits = match self.static_by_mac.get(&l.mac) {
                 Some(&ip) => ip == l.ip,

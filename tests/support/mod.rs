@@ -637,15 +637,18 @@ impl Daemon {
         }
     }
 
-    /// Stops the daemon (SIGTERM, must exit 0) and starts it again with the same arguments,
-    /// waiting again until the taps are up (they are new devices: set MACs again).
+    /// Stops the daemon if it is running (SIGTERM, must exit 0) and starts it again with the
+    /// same arguments, waiting again until the taps are up (they are new devices: set MACs
+    /// again).
     #[track_caller]
     pub fn restart(&mut self) {
-        let st = self.stop();
-        self.check(
-            st.success(),
-            format!("daemon exited with {st} on SIGTERM, expected 0"),
-        );
+        if self.child.is_some() {
+            let st = self.stop();
+            self.check(
+                st.success(),
+                format!("daemon exited with {st} on SIGTERM, expected 0"),
+            );
+        }
         self.spawn();
     }
 

@@ -123,13 +123,15 @@ impl Client {
     pub fn select(&self, server: Ipv4Addr, requested: Ipv4Addr) -> Vec<u8> {
         let mut m = self.base(MessageType::Request, Ipv4Addr::UNSPECIFIED);
         m.opts_mut().insert(DhcpOption::ServerIdentifier(server));
-        m.opts_mut().insert(DhcpOption::RequestedIpAddress(requested));
+        m.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(requested));
         encode(&m)
     }
 
     pub fn init_reboot(&self, requested: Ipv4Addr) -> Vec<u8> {
         let mut m = self.base(MessageType::Request, Ipv4Addr::UNSPECIFIED);
-        m.opts_mut().insert(DhcpOption::RequestedIpAddress(requested));
+        m.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(requested));
         encode(&m)
     }
 
@@ -160,7 +162,10 @@ impl Client {
         let offer = s.handle(&self.discover(None), now).unwrap().unwrap();
         assert_eq!(msg_type(&offer), MessageType::Offer);
         let yiaddr = decode(&offer).yiaddr();
-        let ack = s.handle(&self.select(SERVER, yiaddr), now).unwrap().unwrap();
+        let ack = s
+            .handle(&self.select(SERVER, yiaddr), now)
+            .unwrap()
+            .unwrap();
         assert_eq!(msg_type(&ack), MessageType::Ack);
         assert_eq!(decode(&ack).yiaddr(), yiaddr);
         yiaddr
