@@ -304,7 +304,7 @@ fn invalid_config_exits_2_naming_field_and_value() {
     let mut failures = Vec::new();
     for (args, wants) in cases {
         let mut cmd = Command::new(USERNET);
-        cmd.args(*args);
+        cmd.args(*args).env_remove("RUST_LOG");
         let out = run_with_deadline(cmd, Duration::from_secs(10));
         if out.timed_out {
             failures.push(format!(
@@ -320,6 +320,17 @@ fn invalid_config_exits_2_naming_field_and_value() {
                 out.describe()
             ));
             continue;
+        }
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        if lines.len() != 1 {
+            failures.push(format!(
+                "usernet {args:?}: expected a one-line error on stderr\n{}",
+                out.describe()
+            ));
         }
         for want in *wants {
             if !out.stderr.contains(want) {

@@ -482,3 +482,11 @@ fn counters_add_up() {
         (1, 2, 1, 1, 1, 1, 1)
     );
 }
+
+#[test]
+fn server_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Server>();
+    assert_send_sync::<dhcp::Reply>();
+    assert_send_sync::<DropReason>();
+}
