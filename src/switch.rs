@@ -157,6 +157,10 @@ impl Switch {
     }
 
     fn forward(&self, from: PortId, frame: Bytes) {
+        self.forward_at(from, frame, Instant::now())
+    }
+
+    fn forward_at(&self, from: PortId, frame: Bytes, now: Instant) {
         let c = &self.counters;
         if frame.len() < 14 {
             SwitchCounters::bump(&c.drop_runt);
@@ -174,7 +178,6 @@ impl Switch {
         }
         SwitchCounters::bump(&c.frames_in);
         c.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
         let mut st = self.state.lock().unwrap();
         match st.macs.get_mut(&src) {
             Some(entry) if entry.0 == from => {
@@ -245,5 +248,100 @@ impl PortTx {
     /// Detach the port now (also done when the transport ends).
     pub fn detach(&self) {
         self.switch.detach(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: MacAddr = [0x52, 0x55, 0x55, 0, 0, 0xa];
+    const B: MacAddr = [0x52, 0x55, 0x55, 0, 0, 0xb];
+    const C: MacAddr = [0x52, 0x55, 0x55, 0, 0, 0xc];
+
+    fn frame(dst: MacAddr, src: MacAddr) -> Bytes {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x88, 0xb5, 1, 2, 3]);
+        Bytes::from(f)
+    }
+
+    fn drain(rx: &mut PortRx) -> Vec<Bytes> {
+        std::iter::from_fn(|| rx.frames.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn learns_floods_and_forwards_unicast_only_to_its_port() {
+        let sw = Switch::new(1500);
+        let (pa, mut ra) = sw.attach("a");
+        let (pb, mut rb) = sw.attach("b");
+        let (_pc, mut rc) = sw.attach("c");
+        pa.send(frame([0xff; 6], A)); // broadcast: everyone but a
+        assert!(drain(&mut ra).is_empty());
+        assert_eq!(drain(&mut rb).len(), 1);
+        assert_eq!(drain(&mut rc).len(), 1);
+        pb.send(frame(A, B)); // a is known: only a
+        assert_eq!(drain(&mut ra), vec![frame(A, B)]);
+        assert!(drain(&mut rc).is_empty());
+        pa.send(frame(C, A)); // c never spoke: dropped, not flooded
+        assert!(drain(&mut rb).is_empty() && drain(&mut rc).is_empty());
+        assert_eq!(sw.counters().drop_unknown_unicast.load(Ordering::Relaxed), 1);
+        pa.send(frame([0x33, 0x33, 0, 0, 0, 1], A)); // multicast floods too
+        assert_eq!(drain(&mut rb).len(), 1);
+    }
+
+    #[test]
+    fn stale_macs_age_out_and_moved_macs_follow() {
+        let sw = Switch::new(1500);
+        let (pa, mut ra) = sw.attach("a");
+        let (pb, _rb) = sw.attach("b");
+        let (pc, mut rc) = sw.attach("c");
+        let t0 = Instant::now();
+        sw.forward_at(pa.id(), frame([0xff; 6], A), t0);
+        sw.forward_at(pb.id(), frame(A, B), t0 + MAC_AGING + Duration::from_secs(1));
+        assert!(drain(&mut ra).is_empty(), "an aged-out MAC still got unicast");
+        // A moves to port c (a VM restarted on another connection).
+        sw.forward_at(pc.id(), frame([0xff; 6], A), t0);
+        sw.forward_at(pb.id(), frame(A, B), t0);
+        drain(&mut rc);
+        sw.forward_at(pb.id(), frame(A, B), t0);
+        assert_eq!(drain(&mut rc).len(), 1);
+    }
+
+    #[test]
+    fn detached_ports_forget_their_macs_and_pinned_macs_stay_put() {
+        let sw = Switch::new(1500);
+        let (gw, mut rgw) = sw.attach("gateway");
+        sw.pin_mac(&gw, C);
+        let (pa, _ra) = sw.attach("a");
+        let (pb, mut rb) = sw.attach("b");
+        pa.send(frame([0xff; 6], C)); // a guest claiming the gateway's MAC
+        assert!(drain(&mut rb).is_empty());
+        pb.send(frame(C, B));
+        assert_eq!(drain(&mut rgw).len(), 1, "the pinned MAC was taken over");
+        pa.send(frame([0xff; 6], A));
+        pa.detach();
+        pb.send(frame(A, B));
+        assert_eq!(sw.counters().drop_unknown_unicast.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn runts_oversize_and_multicast_sources_are_counted() {
+        let sw = Switch::new(1500);
+        let (pa, _ra) = sw.attach("a");
+        let (_pb, mut rb) = sw.attach("b");
+        pa.send(Bytes::from_static(&[0u8; 13]));
+        pa.send(Bytes::from(vec![0xffu8; 1515]));
+        pa.send(frame([0xff; 6], [0x01, 0, 0x5e, 0, 0, 1]));
+        assert!(drain(&mut rb).is_empty());
+        let c = sw.counters();
+        assert_eq!(c.drop_runt.load(Ordering::Relaxed), 1);
+        assert_eq!(c.drop_oversize.load(Ordering::Relaxed), 1);
+        assert_eq!(c.drop_bad_source.load(Ordering::Relaxed), 1);
+        let mut full = frame([0xff; 6], A).to_vec();
+        full.resize(1514, 0); // exactly MTU + 14 passes
+        pa.send(Bytes::from(full));
+        assert_eq!(drain(&mut rb).len(), 1);
     }
 }

@@ -160,7 +160,10 @@ networks:
 
 #[test]
 fn two_guests_on_one_daemon_get_distinct_leases_and_reach_each_other() {
-    if !require_root_and_tools("two_guests_on_one_daemon", &["busybox"]) {
+    if !require_root_and_tools(
+        "two_guests_on_one_daemon_get_distinct_leases_and_reach_each_other",
+        &["busybox"],
+    ) {
         return;
     }
     let d = Netns::new("d");

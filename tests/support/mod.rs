@@ -76,7 +76,8 @@ pub fn require_root_and_tools(test: &str, tools: &[&str]) -> bool {
     if std::env::var("USERNET_E2E").as_deref() == Ok("1") {
         panic!("{test}: cannot run end-to-end test with USERNET_E2E=1: {reason}");
     }
-    eprintln!("SKIPPED: {test}: {reason}");
+    // Straight to the stderr handle, not eprintln!, so libtest's capture does not hide it.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
     false
 }
 
