@@ -286,7 +286,10 @@ mod tests {
         assert!(drain(&mut rc).is_empty());
         pa.send(frame(C, A)); // c never spoke: dropped, not flooded
         assert!(drain(&mut rb).is_empty() && drain(&mut rc).is_empty());
-        assert_eq!(sw.counters().drop_unknown_unicast.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            sw.counters().drop_unknown_unicast.load(Ordering::Relaxed),
+            1
+        );
         pa.send(frame([0x33, 0x33, 0, 0, 0, 1], A)); // multicast floods too
         assert_eq!(drain(&mut rb).len(), 1);
     }
@@ -299,8 +302,15 @@ mod tests {
         let (pc, mut rc) = sw.attach("c");
         let t0 = Instant::now();
         sw.forward_at(pa.id(), frame([0xff; 6], A), t0);
-        sw.forward_at(pb.id(), frame(A, B), t0 + MAC_AGING + Duration::from_secs(1));
-        assert!(drain(&mut ra).is_empty(), "an aged-out MAC still got unicast");
+        sw.forward_at(
+            pb.id(),
+            frame(A, B),
+            t0 + MAC_AGING + Duration::from_secs(1),
+        );
+        assert!(
+            drain(&mut ra).is_empty(),
+            "an aged-out MAC still got unicast"
+        );
         // A moves to port c (a VM restarted on another connection).
         sw.forward_at(pc.id(), frame([0xff; 6], A), t0);
         sw.forward_at(pb.id(), frame(A, B), t0);
@@ -323,7 +333,10 @@ mod tests {
         pa.send(frame([0xff; 6], A));
         pa.detach();
         pb.send(frame(A, B));
-        assert_eq!(sw.counters().drop_unknown_unicast.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            sw.counters().drop_unknown_unicast.load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

@@ -262,7 +262,7 @@ fn lease_file_survives_restart() {
     );
     let b_last = b.ip.octets()[3];
     daemon.check(
-        b.ip.octets()[..3] == [192, 168, 5] && b_last >= 15 && b_last < 255,
+        b.ip.octets()[..3] == [192, 168, 5] && (15..255).contains(&b_last),
         format!("B's address {} is outside the pool", b.ip),
     );
     let a = daemon.udhcpc(&ga, "tap0", &[]);
