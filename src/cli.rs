@@ -125,6 +125,51 @@ pub struct Cli {
     /// Keep DHCP leases in this JSON file across restarts. Example: --lease-file /tmp/leases.json
     #[arg(long, value_name = "FILE", help_heading = "DHCP")]
     pub lease_file: Option<PathBuf>,
+
+    /// Refuse traffic to the host address instead of carrying it to the host's 127.0.0.1
+    /// (like slirp4netns --disable-host-loopback). Example: --no-host-loopback
+    #[arg(long, help_heading = "Outbound")]
+    pub no_host_loopback: bool,
+    /// Bind outgoing sockets to this host address. Example: --outbound-addr 10.0.0.5
+    #[arg(long, value_name = "IP", help_heading = "Outbound")]
+    pub outbound_addr: Option<Ipv4Addr>,
+    /// Seconds a host-side TCP connect may take before the guest gets a RST.
+    /// Example: --tcp-connect-timeout 10
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30,
+        help_heading = "Outbound"
+    )]
+    pub tcp_connect_timeout: u64,
+    /// TCP connects in flight at most; more are refused. Example: --max-tcp-connecting 4096
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        help_heading = "Outbound"
+    )]
+    pub max_tcp_connecting: usize,
+    /// Established TCP connections at most; more are refused. Example: --max-tcp-established 100000
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 65536,
+        help_heading = "Outbound"
+    )]
+    pub max_tcp_established: usize,
+    /// Guest-side TCP buffer per direction, in bytes (sets the window). Example: --tcp-buffer-size 1048576
+    #[arg(long, value_name = "BYTES", default_value_t = 512 * 1024, help_heading = "Outbound")]
+    pub tcp_buffer_size: usize,
+    /// Seconds a UDP flow may stay idle (no traffic either way) before it is closed.
+    /// Example: --udp-timeout 60
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 180,
+        help_heading = "Outbound"
+    )]
+    pub udp_timeout: u64,
 }
 
 /// One transport to start, in the order given.
@@ -199,6 +244,18 @@ impl Cli {
             });
         }
         t
+    }
+
+    /// Apply the outbound flags to a NAT configuration.
+    pub fn apply_nat(&self, nat: &mut netstack::nat::NatConfig) {
+        use std::time::Duration;
+        nat.host_loopback = !self.no_host_loopback;
+        nat.outbound_addr = self.outbound_addr;
+        nat.tcp_connect_timeout = Duration::from_secs(self.tcp_connect_timeout);
+        nat.max_tcp_connecting = self.max_tcp_connecting;
+        nat.max_tcp_established = self.max_tcp_established;
+        nat.tcp_buffer = self.tcp_buffer_size;
+        nat.udp_timeout = Duration::from_secs(self.udp_timeout);
     }
 
     /// How to attach a VM, for `usernet` run with no transport.

@@ -42,6 +42,8 @@ pub struct Options {
     pub transports: Vec<TransportSpec>,
     /// `--lease-file`
     pub lease_file: Option<PathBuf>,
+    /// The NAT's settings (from the plan and the outbound flags).
+    pub nat: Option<netstack::nat::NatConfig>,
 }
 
 /// The DHCP server for `plan`, with the leases saved in `lease_file` restored.
@@ -66,6 +68,10 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
         GatewaySetup {
             dhcp,
             lease_file: opts.lease_file.clone(),
+            nat: opts
+                .nat
+                .clone()
+                .unwrap_or_else(|| gateway::nat_config(&plan)),
         },
     );
     let mut created: Vec<PathBuf> = Vec::new();
@@ -82,7 +88,7 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
         plan.guest_ip,
         plan.mtu
     );
-    wait_for_signal().await?;
+    wait_for_stop(&switch, &gw).await?;
     tracing::info!("stopping");
     let saved = gw.shutdown().await;
     remove_all(&created);
@@ -122,13 +128,21 @@ fn remove_all(paths: &[PathBuf]) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Wait for SIGTERM or SIGINT; on SIGUSR1 write the counters to the log as one line,
+/// `usernet stats: {JSON}`.
+async fn wait_for_stop(switch: &Switch, gw: &gateway::GatewayHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = usr1.recv() => {
+                let stats = crate::stats::collect(switch, gw).await;
+                eprintln!("usernet stats: {stats}");
+            }
+        }
     }
-    Ok(())
 }

@@ -1,6 +1,7 @@
-//! The gateway port: the netstack gateway and the local services behind it (DHCP today) on one
-//! task, fed by one port of the switch. It owns the DHCP lease table and writes the lease file
-//! whenever the bindings change. It does not open sockets to the outside.
+//! The gateway port: the netstack gateway, the local services behind it (DHCP today) and the
+//! NAT, fed by one port of the switch. The task owns the DHCP lease table and writes the lease
+//! file whenever the bindings change; routed packets go to the NAT, whose flows run as tasks of
+//! their own and send their frames straight into the switch.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use netstack::nat::{Nat, NatConfig};
 use netstack::{Gateway, GatewayConfig, L2Dest, Output, UdpDatagram};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::plan::Plan;
 use crate::switch::{PortRx, PortTx, Switch};
@@ -22,16 +25,43 @@ pub struct GatewaySetup {
     pub dhcp: dhcp::Server,
     /// Where to keep the leases, if anywhere.
     pub lease_file: Option<PathBuf>,
+    /// The NAT's settings.
+    pub nat: NatConfig,
+}
+
+/// What the gateway task counted, on request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatewayStats {
+    /// The gateway's per-frame counters.
+    pub gateway: netstack::Counters,
+    /// IPv4 reassembly's counters.
+    pub fragments: netstack::ipv4frag::FragCounters,
+    /// The DHCP server's counters.
+    pub dhcp: dhcp::Counters,
 }
 
 /// A handle on the running gateway task.
 pub struct GatewayHandle {
     task: tokio::task::JoinHandle<dhcp::Server>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    stats: mpsc::Sender<oneshot::Sender<GatewayStats>>,
     lease_file: Option<PathBuf>,
+    nat: Nat,
 }
 
 impl GatewayHandle {
+    /// The gateway's and DHCP server's counters.
+    pub async fn stats(&self) -> Option<GatewayStats> {
+        let (tx, rx) = oneshot::channel();
+        self.stats.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The NAT (for its counters).
+    pub fn nat(&self) -> &Nat {
+        &self.nat
+    }
+
     /// Stop the task and write the lease file one last time.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
@@ -65,91 +95,137 @@ pub fn dhcp_config(plan: &Plan) -> dhcp::Config {
     }
 }
 
+/// The NAT configuration for `plan` with the defaults (callers adjust the rest).
+pub fn nat_config(plan: &Plan) -> NatConfig {
+    NatConfig::new(
+        plan.gateway_mac,
+        plan.mtu,
+        plan.subnet.network(),
+        plan.subnet.prefix_len(),
+        plan.host_ip,
+        plan.dns_ip,
+    )
+}
+
 /// Attach the gateway to `switch` and run it.
 pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayHandle {
     let (port, rx) = switch.attach("gateway");
     switch.pin_mac(&port, plan.gateway_mac);
     let gateway = Gateway::new(GatewayConfig {
         mac: plan.gateway_mac,
-        addrs: vec![plan.host_ip, plan.dns_ip],
+        host_ip: plan.host_ip,
+        dns_ip: plan.dns_ip,
+        answer_host_ping: !setup.nat.host_loopback,
         network: plan.subnet.network(),
         prefix: plan.subnet.prefix_len(),
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let sink_port = port.clone();
+    let nat = Nat::new(
+        setup.nat.clone(),
+        Arc::new(move |f: Bytes| sink_port.send(f)),
+    );
+    let (stop, stopped) = oneshot::channel();
+    let (stats, stats_rx) = mpsc::channel(4);
     let lease_file = setup.lease_file.clone();
-    let task = tokio::spawn(run(gateway, setup, plan.host_ip, port, rx, stopped));
+    let task = tokio::spawn(run(
+        Task {
+            gateway,
+            dhcp: setup.dhcp,
+            lease_file: setup.lease_file,
+            server_ip: plan.host_ip,
+            nat: nat.clone(),
+            port,
+        },
+        rx,
+        stopped,
+        stats_rx,
+    ));
     GatewayHandle {
         task,
         stop,
+        stats,
         lease_file,
+        nat,
     }
+}
+
+struct Task {
+    gateway: Gateway,
+    dhcp: dhcp::Server,
+    lease_file: Option<PathBuf>,
+    server_ip: Ipv4Addr,
+    nat: Nat,
+    port: PortTx,
 }
 
 async fn run(
-    mut gateway: Gateway,
-    setup: GatewaySetup,
-    server_ip: Ipv4Addr,
-    port: PortTx,
+    mut t: Task,
     mut rx: PortRx,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    mut stopped: oneshot::Receiver<()>,
+    mut stats: mpsc::Receiver<oneshot::Sender<GatewayStats>>,
 ) -> dhcp::Server {
-    let GatewaySetup {
-        mut dhcp,
-        lease_file,
-    } = setup;
-    let mut saved = dhcp.leases();
     let mut out = Vec::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let frame = tokio::select! {
             f = rx.frames.recv() => match f { Some(f) => f, None => break },
+            _ = tick.tick() => {
+                t.gateway.expire(Instant::now());
+                continue;
+            }
+            Some(reply) = stats.recv() => {
+                let _ = reply.send(GatewayStats {
+                    gateway: t.gateway.counters().clone(),
+                    fragments: t.gateway.fragment_counters().clone(),
+                    dhcp: t.dhcp.counters().clone(),
+                });
+                continue;
+            }
             _ = &mut stopped => break,
         };
-        gateway.receive(&frame, Instant::now(), &mut out);
+        t.gateway.receive(&frame, Instant::now(), &mut out);
         for o in out.drain(..) {
             match o {
-                Output::Frame(f) => port.send(Bytes::from(f)),
-                Output::Udp(d) if d.dst.port() == DHCP_SERVER_PORT => {
-                    if let Some(f) = serve_dhcp(&mut gateway, &mut dhcp, server_ip, &d) {
-                        port.send(Bytes::from(f));
-                    }
-                }
+                Output::Frame(f) => t.port.send(Bytes::from(f)),
+                Output::Route(r) => t.nat.route(r),
+                Output::Udp(d) if d.dst.port() == DHCP_SERVER_PORT => t.serve_dhcp(&d),
                 Output::Udp(_) => {} // no other local UDP service yet
             }
         }
-        if let Some(path) = &lease_file {
-            let now = dhcp.leases();
-            if now != saved {
+    }
+    t.port.detach();
+    t.dhcp
+}
+
+impl Task {
+    fn serve_dhcp(&mut self, d: &UdpDatagram) {
+        let before = self.lease_file.as_ref().map(|_| self.dhcp.leases());
+        let reply = match self.dhcp.handle(&d.payload, SystemTime::now()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("dhcp: dropped a message: {e}");
+                None
+            }
+        };
+        if let Some(reply) = reply {
+            let (to, ip) = match reply.to {
+                dhcp::Destination::Broadcast => (L2Dest::Broadcast, Ipv4Addr::BROADCAST),
+                dhcp::Destination::Unicast { ip, mac } => (L2Dest::Mac(mac.0), ip),
+            };
+            // A DHCP server answers from its server identifier, whatever address the client used.
+            let src = SocketAddrV4::new(self.server_ip, DHCP_SERVER_PORT);
+            let dst = SocketAddrV4::new(ip, DHCP_CLIENT_PORT);
+            let frame = self.gateway.udp_frame(to, src, dst, &reply.payload);
+            self.port.send(Bytes::from(frame));
+        }
+        if let (Some(path), Some(before)) = (&self.lease_file, before) {
+            let now = self.dhcp.leases();
+            if now != before {
                 if let Err(e) = dhcp::store::save(path, &now) {
                     tracing::warn!("lease-file {}: {e}", path.display());
                 }
-                saved = now;
             }
         }
     }
-    port.detach();
-    dhcp
-}
-
-fn serve_dhcp(
-    gateway: &mut Gateway,
-    dhcp: &mut dhcp::Server,
-    server_ip: Ipv4Addr,
-    d: &UdpDatagram,
-) -> Option<Vec<u8>> {
-    let reply = match dhcp.handle(&d.payload, SystemTime::now()) {
-        Ok(Some(r)) => r,
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::debug!("dhcp: dropped a message: {e}");
-            return None;
-        }
-    };
-    let (to, ip) = match reply.to {
-        dhcp::Destination::Broadcast => (L2Dest::Broadcast, Ipv4Addr::BROADCAST),
-        dhcp::Destination::Unicast { ip, mac } => (L2Dest::Mac(mac.0), ip),
-    };
-    // A DHCP server answers from its server identifier, whatever address the client used.
-    let src = SocketAddrV4::new(server_ip, DHCP_SERVER_PORT);
-    let dst = SocketAddrV4::new(ip, DHCP_CLIENT_PORT);
-    Some(gateway.udp_frame(to, src, dst, &reply.payload))
 }

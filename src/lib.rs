@@ -7,5 +7,6 @@ pub mod config;
 pub mod daemon;
 pub mod gateway;
 pub mod plan;
+pub mod stats;
 pub mod switch;
 pub mod transport;

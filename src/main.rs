@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
+    raise_fd_limit();
     let prepared = daemon::plan_from(&cli)
         .and_then(|plan| daemon::dhcp_server(&plan, cli.lease_file.as_deref()).map(|d| (plan, d)));
     let (plan, dhcp) = match prepared {
@@ -34,9 +35,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let mut nat = usernet::gateway::nat_config(&plan);
+    cli.apply_nat(&mut nat);
     let opts = daemon::Options {
         transports,
         lease_file: cli.lease_file.clone(),
+        nat: Some(nat),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,6 +57,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("usernet: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every flow holds a host socket: raise the soft limit on open files to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
 }

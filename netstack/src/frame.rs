@@ -1,7 +1,8 @@
-//! Building the frames the gateway sends: Ethernet + IPv4 + a payload writer. Builders only;
-//! parsing lives with each protocol.
+//! Building what the gateway sends: IPv4 packets (header + a payload writer) and the Ethernet
+//! frames around them. Builders only; parsing lives with each protocol.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -21,7 +22,7 @@ pub enum L2Dest {
 }
 
 impl L2Dest {
-    fn mac(self) -> MacAddr {
+    pub(crate) fn mac(self) -> MacAddr {
         match self {
             L2Dest::Broadcast => BROADCAST_MAC,
             L2Dest::Mac(m) => m,
@@ -31,6 +32,49 @@ impl L2Dest {
 
 /// The TTL of packets the gateway originates.
 pub(crate) const TTL: u8 = 64;
+/// The IPv4 header the gateway writes (no options).
+pub(crate) const IPV4_HEADER_LEN: usize = 20;
+
+static NEXT_IDENT: AtomicU16 = AtomicU16::new(1);
+
+/// Write an IPv4 header for `payload_len` bytes at the start of `buf` (which must hold
+/// `IPV4_HEADER_LEN + payload_len` bytes); the payload is written by `emit`. Packets that may
+/// be fragmented (`may_fragment`) get a fresh identification and DF clear.
+pub(crate) fn write_ipv4(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    may_fragment: bool,
+    emit: impl FnOnce(&mut [u8]),
+) {
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len,
+        hop_limit: TTL,
+    };
+    let mut packet = Ipv4Packet::new_unchecked(buf);
+    ip.emit(&mut packet, &ChecksumCapabilities::ignored());
+    if may_fragment {
+        packet.set_dont_frag(false);
+        packet.set_ident(NEXT_IDENT.fetch_add(1, Ordering::Relaxed));
+    }
+    packet.fill_checksum();
+    emit(packet.payload_mut());
+}
+
+/// Write the Ethernet header at the start of `buf`.
+pub(crate) fn write_ethernet(buf: &mut [u8], src: MacAddr, dst: MacAddr) {
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(src),
+        dst_addr: EthernetAddress(dst),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(buf));
+}
 
 /// Build Ethernet + IPv4 around a payload of `payload_len` bytes written by `emit`.
 pub(crate) fn ipv4_frame(
@@ -42,25 +86,34 @@ pub(crate) fn ipv4_frame(
     payload_len: usize,
     emit: impl FnOnce(&mut [u8]),
 ) -> Vec<u8> {
-    let ip = Ipv4Repr {
-        src_addr: src_ip,
-        dst_addr: dst_ip,
-        next_header: protocol,
+    let mut buf = vec![0u8; ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + payload_len];
+    write_ethernet(&mut buf, src_mac, dst.mac());
+    write_ipv4(
+        &mut buf[ETHERNET_HEADER_LEN..],
+        src_ip,
+        dst_ip,
+        protocol,
         payload_len,
-        hop_limit: TTL,
-    };
-    let eth = EthernetRepr {
-        src_addr: EthernetAddress(src_mac),
-        dst_addr: EthernetAddress(dst.mac()),
-        ethertype: EthernetProtocol::Ipv4,
-    };
-    let mut buf = vec![0u8; ETHERNET_HEADER_LEN + ip.buffer_len() + payload_len];
-    let mut frame = EthernetFrame::new_unchecked(&mut buf[..]);
-    eth.emit(&mut frame);
-    let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
-    ip.emit(&mut packet, &ChecksumCapabilities::default());
-    emit(packet.payload_mut());
+        false,
+        emit,
+    );
     buf
+}
+
+/// Write a UDP header and payload into `buf` (checksum filled).
+pub(crate) fn write_udp(buf: &mut [u8], src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    udp.emit(
+        &mut UdpPacket::new_unchecked(buf),
+        &IpAddress::Ipv4(*src.ip()),
+        &IpAddress::Ipv4(*dst.ip()),
+        payload.len(),
+        |p| p.copy_from_slice(payload),
+        &ChecksumCapabilities::default(),
+    );
 }
 
 /// Build a complete UDP/IPv4/Ethernet frame (checksums filled in).
@@ -71,28 +124,13 @@ pub fn build_udp_frame(
     dst_addr: SocketAddrV4,
     payload: &[u8],
 ) -> Vec<u8> {
-    let udp = UdpRepr {
-        src_port: src.port(),
-        dst_port: dst_addr.port(),
-    };
-    let (s, d) = (*src.ip(), *dst_addr.ip());
     ipv4_frame(
         src_mac,
         dst,
-        s,
-        d,
+        *src.ip(),
+        *dst_addr.ip(),
         IpProtocol::Udp,
         UDP_HEADER_LEN + payload.len(),
-        |buf| {
-            let mut packet = UdpPacket::new_unchecked(buf);
-            udp.emit(
-                &mut packet,
-                &IpAddress::Ipv4(s),
-                &IpAddress::Ipv4(d),
-                payload.len(),
-                |p| p.copy_from_slice(payload),
-                &ChecksumCapabilities::default(),
-            );
-        },
+        |buf| write_udp(buf, src, dst_addr, payload),
     )
 }

@@ -1,8 +1,8 @@
 //! The gateway: the one station on the virtual link that is not a guest. It takes each frame
-//! the switch hands it, parses it once, and answers ARP and ping for its own addresses and
-//! hands UDP for local services (DHCP on port 67, DNS) to the caller as [`UdpDatagram`]s.
-//! Routing off-subnet traffic out through host sockets is not done here yet; such packets are
-//! counted as `drop_no_route`.
+//! the switch hands it, parses and checks it once, answers ARP for its addresses and ping for
+//! the DNS address, hands UDP for local services (DHCP broadcasts, anything to the DNS
+//! address) to the caller as [`UdpDatagram`]s, and hands every packet to be routed (off-subnet,
+//! or to the host address) to the caller as [`Routed`], for the NAT. It opens no sockets.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Instant;
@@ -15,19 +15,25 @@ use smoltcp::wire::{
 
 use crate::counters::Counters;
 use crate::frame::{build_udp_frame, L2Dest};
+use crate::ipv4frag::{FragCounters, Reassembler, Reassembly, ReassemblyConfig};
 use crate::neighbor::Neighbors;
 use crate::{arp, icmp, MacAddr};
 
 /// The DHCP server port: broadcasts to it are local whatever their destination address.
 const DHCP_SERVER_PORT: u16 = 67;
 
-/// What the gateway is: its MAC, the addresses it owns, the subnet it serves.
+/// What the gateway is: its MAC, its addresses, the subnet it serves.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// The gateway's MAC address.
     pub mac: MacAddr,
-    /// Addresses the gateway owns (answers ARP and ping for): the host and DNS addresses.
-    pub addrs: Vec<Ipv4Addr>,
+    /// The host address: the guests' router, and the host's loopback behind it.
+    pub host_ip: Ipv4Addr,
+    /// The DNS address: local services only.
+    pub dns_ip: Ipv4Addr,
+    /// Answer ping to the host address here instead of routing it to the host's loopback
+    /// (when the host loopback is not reachable, `--no-host-loopback`).
+    pub answer_host_ping: bool,
     /// The network address of the subnet.
     pub network: Ipv4Addr,
     /// The subnet's prefix length.
@@ -35,11 +41,22 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
-    fn broadcast(&self) -> Ipv4Addr {
-        let mask = u32::MAX
+    fn mask(&self) -> u32 {
+        u32::MAX
             .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        Ipv4Addr::from(u32::from(self.network) | !mask)
+            .unwrap_or(0)
+    }
+
+    fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !self.mask())
+    }
+
+    fn on_link(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network)
+    }
+
+    fn owns(&self, ip: Ipv4Addr) -> bool {
+        ip == self.host_ip || ip == self.dns_ip
     }
 }
 
@@ -56,6 +73,45 @@ pub struct UdpDatagram {
     pub payload: Vec<u8>,
 }
 
+/// A checked IPv4 packet from a guest that the gateway routes (to the NAT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// A TCP segment: the whole IPv4 packet (header checked; the TCP checksum is the
+    /// receiver's to check).
+    Tcp {
+        /// The guest's MAC.
+        src_mac: MacAddr,
+        /// The IPv4 packet.
+        packet: Vec<u8>,
+    },
+    /// A UDP datagram (checksum checked, reassembled if it came in fragments).
+    Udp {
+        /// The guest's MAC.
+        src_mac: MacAddr,
+        /// Source address and port.
+        src: SocketAddrV4,
+        /// Destination address and port.
+        dst: SocketAddrV4,
+        /// The guest's TTL.
+        ttl: u8,
+        /// The UDP payload.
+        payload: Vec<u8>,
+    },
+    /// An ICMP message (checksum checked).
+    Icmp {
+        /// The guest's MAC.
+        src_mac: MacAddr,
+        /// Source address.
+        src: Ipv4Addr,
+        /// Destination address.
+        dst: Ipv4Addr,
+        /// The guest's TTL.
+        ttl: u8,
+        /// The ICMP message (header and data).
+        message: Vec<u8>,
+    },
+}
+
 /// What to do after a frame was received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -63,6 +119,8 @@ pub enum Output {
     Frame(Vec<u8>),
     /// A datagram for a local service (DHCP, DNS).
     Udp(UdpDatagram),
+    /// A packet to route out (NAT).
+    Route(Routed),
 }
 
 /// The gateway state machine (see the module docs).
@@ -70,6 +128,7 @@ pub enum Output {
 pub struct Gateway {
     config: GatewayConfig,
     neighbors: Neighbors,
+    reassembler: Reassembler,
     counters: Counters,
 }
 
@@ -79,6 +138,7 @@ impl Gateway {
         Gateway {
             config,
             neighbors: Neighbors::default(),
+            reassembler: Reassembler::new(ReassemblyConfig::default()),
             counters: Counters::default(),
         }
     }
@@ -91,6 +151,16 @@ impl Gateway {
     /// What has been counted so far.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// What IPv4 reassembly has counted so far.
+    pub fn fragment_counters(&self) -> &FragCounters {
+        self.reassembler.counters()
+    }
+
+    /// Forget incomplete datagrams past their time; call about once a second.
+    pub fn expire(&mut self, now: Instant) {
+        self.reassembler.expire(now);
     }
 
     /// The MAC a guest address was last seen at.
@@ -143,13 +213,13 @@ impl Gateway {
             self.counters.drop_malformed_arp += 1;
             return;
         };
-        if self.config.addrs.contains(&req.sender_ip) {
+        if self.config.owns(req.sender_ip) {
             // Someone claims one of our addresses: do not learn it, do not answer it.
             self.counters.drop_bad_source += 1;
             return;
         }
         self.neighbors.learn(req.sender_ip, req.sender_mac, now);
-        if req.op == ArpOperation::Request && self.config.addrs.contains(&req.target_ip) {
+        if req.op == ArpOperation::Request && self.config.owns(req.target_ip) {
             self.counters.arp_replies += 1;
             out.push(Output::Frame(arp::reply(&req, self.config.mac)));
         }
@@ -169,37 +239,57 @@ impl Gateway {
             return;
         }
         if ip.more_frags() || ip.frag_offset() != 0 {
-            self.counters.drop_fragment += 1;
+            match self.reassembler.push(payload, now) {
+                Reassembly::Complete(whole) => self.on_ipv4(src_mac, &whole, now, out),
+                Reassembly::Pending | Reassembly::NotFragment => {}
+                Reassembly::Dropped(_) => self.counters.drop_fragment += 1,
+            }
             return;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if self.config.addrs.contains(&src) || src.is_multicast() || src.is_broadcast() {
+        if self.config.owns(src) || src.is_multicast() || src.is_broadcast() || src.is_loopback() {
             self.counters.drop_bad_source += 1;
             return;
         }
         self.neighbors.learn(src, src_mac, now);
-        let ours = self.config.addrs.contains(&dst);
         let broadcast = dst.is_broadcast() || dst == self.config.broadcast();
+        let local = dst == self.config.dns_ip;
+        if broadcast || dst.is_multicast() {
+            // Only DHCP is served to broadcasts; multicast is not routed.
+            if ip.next_header() == IpProtocol::Udp {
+                self.on_udp(src_mac, &ip, false, out);
+            }
+            return;
+        }
+        if !local && dst != self.config.host_ip && self.config.on_link(dst) {
+            // On-link destinations are switched, never routed through the gateway.
+            self.counters.drop_no_route += 1;
+            return;
+        }
         match ip.next_header() {
-            IpProtocol::Udp => self.on_udp(src_mac, src, dst, ours, broadcast, ip.payload(), out),
-            IpProtocol::Icmp if ours => self.on_icmp(src_mac, src, dst, ip.payload(), out),
-            IpProtocol::Icmp if broadcast => {}
-            _ => self.counters.drop_no_route += 1,
+            IpProtocol::Udp => self.on_udp(src_mac, &ip, local, out),
+            IpProtocol::Icmp => self.on_icmp(src_mac, &ip, out),
+            IpProtocol::Tcp => {
+                self.counters.routed += 1;
+                let len = usize::from(ip.total_len());
+                out.push(Output::Route(Routed::Tcp {
+                    src_mac,
+                    packet: payload[..len].to_vec(),
+                }));
+            }
+            _ => self.counters.drop_unsupported_protocol += 1,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn on_udp(
         &mut self,
         src_mac: MacAddr,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        ours: bool,
-        broadcast: bool,
-        payload: &[u8],
+        ip: &Ipv4Packet<&[u8]>,
+        local: bool,
         out: &mut Vec<Output>,
     ) {
-        let Ok(udp) = UdpPacket::new_checked(payload) else {
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
             self.counters.drop_malformed_udp += 1;
             return;
         };
@@ -208,40 +298,63 @@ impl Gateway {
             self.counters.drop_malformed_udp += 1;
             return;
         };
-        if ours || (broadcast && repr.dst_port == DHCP_SERVER_PORT) {
+        let src = SocketAddrV4::new(src, repr.src_port);
+        let dst = SocketAddrV4::new(dst, repr.dst_port);
+        let payload = udp.payload().to_vec();
+        let to_broadcast = dst.ip().is_broadcast() || *dst.ip() == self.config.broadcast();
+        if local || (repr.dst_port == DHCP_SERVER_PORT && to_broadcast) {
             self.counters.udp_local += 1;
             out.push(Output::Udp(UdpDatagram {
                 src_mac,
-                src: SocketAddrV4::new(src, repr.src_port),
-                dst: SocketAddrV4::new(dst, repr.dst_port),
-                payload: udp.payload().to_vec(),
+                src,
+                dst,
+                payload,
             }));
-        } else if !broadcast {
-            self.counters.drop_no_route += 1;
+            return;
         }
+        if dst.ip().is_broadcast()
+            || dst.ip().is_multicast()
+            || *dst.ip() == self.config.broadcast()
+        {
+            return; // not ours to forward
+        }
+        self.counters.routed += 1;
+        out.push(Output::Route(Routed::Udp {
+            src_mac,
+            src,
+            dst,
+            ttl: ip.hop_limit(),
+            payload,
+        }));
     }
 
-    fn on_icmp(
-        &mut self,
-        src_mac: MacAddr,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        payload: &[u8],
-        out: &mut Vec<Output>,
-    ) {
-        match icmp::parse(payload) {
+    fn on_icmp(&mut self, src_mac: MacAddr, ip: &Ipv4Packet<&[u8]>, out: &mut Vec<Output>) {
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let answer_here = dst == self.config.dns_ip
+            || (dst == self.config.host_ip && self.config.answer_host_ping);
+        match icmp::parse(ip.payload()) {
             None => self.counters.drop_malformed_icmp += 1,
             Some(icmp::Icmp::EchoRequest {
                 ident,
                 seq_no,
                 data,
-            }) => {
+            }) if answer_here => {
                 self.counters.icmp_echo_replies += 1;
                 let reply =
                     icmp::echo_reply(self.config.mac, src_mac, dst, src, ident, seq_no, data);
                 out.push(Output::Frame(reply));
             }
-            Some(icmp::Icmp::Other) => {}
+            Some(_) if answer_here => {}
+            Some(_) => {
+                self.counters.routed += 1;
+                out.push(Output::Route(Routed::Icmp {
+                    src_mac,
+                    src,
+                    dst,
+                    ttl: ip.hop_limit(),
+                    message: ip.payload().to_vec(),
+                }));
+            }
         }
     }
 }

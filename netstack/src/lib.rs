@@ -13,11 +13,13 @@ mod counters;
 mod frame;
 mod gateway;
 mod icmp;
+pub mod ipv4frag;
+pub mod nat;
 mod neighbor;
 
 pub use counters::Counters;
 pub use frame::{build_udp_frame, L2Dest};
-pub use gateway::{Gateway, GatewayConfig, Output, UdpDatagram};
+pub use gateway::{Gateway, GatewayConfig, Output, Routed, UdpDatagram};
 
 /// An Ethernet MAC address as six bytes.
 pub type MacAddr = [u8; 6];

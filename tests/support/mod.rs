@@ -1068,3 +1068,572 @@ pub fn temp_file(name: &str, contents: &str) -> (tempfile::TempDir, PathBuf) {
 pub fn ip4(s: &str) -> Ipv4Addr {
     s.parse().expect("test address literal")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Outbound rig: daemon statistics, background servers, a server namespace behind the daemon
+// ---------------------------------------------------------------------------------------------
+
+/// How long the daemon gets to answer SIGUSR1 with a stats line.
+pub const STATS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The prefix of the daemon's stats line (the JSON follows it).
+pub const STATS_PREFIX: &str = "usernet stats: ";
+
+/// Every `usernet stats: {...}` JSON in `log`, in order (unparsable ones as None).
+fn stats_lines(log: &str) -> Vec<Option<serde_json::Value>> {
+    log.lines()
+        .filter_map(|l| l.find(STATS_PREFIX).map(|i| &l[i + STATS_PREFIX.len()..]))
+        .map(|rest| {
+            serde_json::Deserializer::from_str(rest)
+                .into_iter::<serde_json::Value>()
+                .next()
+                .and_then(|r| r.ok())
+        })
+        .collect()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ..." — the state follows the last ')'.
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .map(|st| st != "Z" && st != "X")
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The number at a dotted `path` ("tcp.open") of a stats value.
+pub fn stat_u64(v: &serde_json::Value, path: &str) -> Option<u64> {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = cur.get(k)?;
+    }
+    cur.as_u64()
+}
+
+/// The sum of every number anywhere under `v` (e.g. all drop counters of `gateway`).
+pub fn stat_sum(v: &serde_json::Value) -> u64 {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().unwrap_or(0),
+        serde_json::Value::Object(m) => m.values().map(stat_sum).sum(),
+        serde_json::Value::Array(a) => a.iter().map(stat_sum).sum(),
+        _ => 0,
+    }
+}
+
+/// Every numeric leaf under `v` as `dotted.path -> value`.
+pub fn stat_leaves(v: &serde_json::Value) -> BTreeMap<String, u64> {
+    fn walk(v: &serde_json::Value, prefix: &str, out: &mut BTreeMap<String, u64>) {
+        match v {
+            serde_json::Value::Number(n) => {
+                out.insert(prefix.to_string(), n.as_u64().unwrap_or(0));
+            }
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(x, &p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(v, "", &mut out);
+    out
+}
+
+/// The drop counters of a stats value: every numeric leaf whose own name starts with `drop`
+/// or is `malformed` (e.g. `gateway.drop_malformed_ipv4`, `tcp.drop_malformed`,
+/// `fragments.drop_overlap`), as `dotted.path -> value`.
+pub fn stat_drops(v: &serde_json::Value) -> BTreeMap<String, u64> {
+    stat_leaves(v)
+        .into_iter()
+        .filter(|(k, _)| {
+            let last = k.rsplit('.').next().unwrap_or(k);
+            last.starts_with("drop") || last == "malformed"
+        })
+        .collect()
+}
+
+impl Daemon {
+    /// Sends SIGUSR1 and returns the JSON of the `usernet stats: {...}` line the daemon writes
+    /// to its log in answer; fails (with the log tail) if no new parsable line comes within
+    /// `STATS_DEADLINE` or the daemon dies.
+    #[track_caller]
+    pub fn stats(&self) -> serde_json::Value {
+        match self.try_stats() {
+            Ok(v) => v,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Like `stats`, returning the reason instead of failing.
+    pub fn try_stats(&self) -> Result<serde_json::Value, String> {
+        let Some(pid) = self.pid() else {
+            return Err("stats(): daemon is not running".to_string());
+        };
+        if !process_alive(pid) {
+            return Err(format!("stats(): daemon (pid {pid}) has exited"));
+        }
+        // Only what is written after the signal counts, and only complete lines.
+        let start = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let read_new = || {
+            let mut bytes = Vec::new();
+            if let Ok(mut f) = File::open(&self.log) {
+                let _ = f.seek(SeekFrom::Start(start));
+                let _ = f.read_to_end(&mut bytes);
+            }
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            match text.rfind('\n') {
+                Some(i) => text[..=i].to_string(),
+                None => String::new(),
+            }
+        };
+        let st = Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status();
+        if !st.map(|s| s.success()).unwrap_or(false) {
+            return Err(format!("stats(): kill -USR1 {pid} failed"));
+        }
+        let mut found = None;
+        let mut unparsable = false;
+        let mut died = false;
+        poll_until(STATS_DEADLINE, || {
+            let lines = stats_lines(&read_new());
+            if let Some(v) = lines.iter().flatten().next() {
+                found = Some(v.clone());
+                return true;
+            }
+            unparsable = !lines.is_empty();
+            if !process_alive(pid) {
+                died = true;
+                return true;
+            }
+            false
+        });
+        match found {
+            Some(v) => Ok(v),
+            None if died => Err(format!(
+                "stats(): the daemon (pid {pid}) died on SIGUSR1 (no stats handler?)"
+            )),
+            None if unparsable => Err(format!(
+                "stats(): the daemon's `{STATS_PREFIX}` line after SIGUSR1 is not JSON"
+            )),
+            None => Err(format!(
+                "stats(): no `{STATS_PREFIX}{{...}}` line in the log within {STATS_DEADLINE:?} of SIGUSR1"
+            )),
+        }
+    }
+
+    /// Polls `stats()` (every 200 ms) until `cond` holds; fails naming `what`, with the last
+    /// stats, when `deadline` passes. Returns the stats that satisfied `cond`.
+    #[track_caller]
+    pub fn wait_stats(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + deadline;
+        loop {
+            let v = self.stats();
+            if cond(&v) {
+                return v;
+            }
+            if Instant::now() >= end {
+                self.fail(format!(
+                    "timed out after {deadline:?} waiting for stats: {what}\n--- last stats: {v}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A process started in a namespace in the background (a server, or a client that runs while
+/// the test does something else). Its stdout and stderr go to files; it is killed on drop.
+pub struct BgProcess {
+    what: String,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    err: PathBuf,
+    start: Instant,
+    status: Option<ExitStatus>,
+}
+
+impl BgProcess {
+    pub fn spawn(mut cmd: Command) -> BgProcess {
+        let what = describe_command(&cmd);
+        let dir = tempfile::Builder::new()
+            .prefix("usernet-bg-")
+            .tempdir()
+            .expect("temp dir for a background process");
+        let out = dir.path().join("stdout");
+        let err = dir.path().join("stderr");
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("open background output file")
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(open(&out))
+            .stderr(open(&err));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{what}`: {e}"));
+        BgProcess {
+            what,
+            child: Some(child),
+            _dir: dir,
+            out,
+            err,
+            start: Instant::now(),
+            status: None,
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Whether it is still running (records its exit status once it has exited).
+    pub fn running(&mut self) -> bool {
+        if self.status.is_some() {
+            return false;
+        }
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(st))) => {
+                self.status = Some(st);
+                false
+            }
+            Some(Ok(None)) => true,
+            _ => false,
+        }
+    }
+
+    /// Waits until it exits or `deadline` passes (then it is killed); returns the account.
+    pub fn finish(&mut self, deadline: Duration) -> RunOutput {
+        let done = poll_until(deadline, || !self.running());
+        let timed_out = !done;
+        if timed_out {
+            self.kill();
+        }
+        RunOutput {
+            what: self.what.clone(),
+            status: self.status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+            timed_out,
+            stopped: false,
+            elapsed: self.start.elapsed(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// An account of it so far, for failure messages.
+    pub fn describe(&mut self) -> String {
+        let running = self.running();
+        format!(
+            "--- background `{}` ({}, {:?} since start)\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.what,
+            if running {
+                "running".to_string()
+            } else {
+                format!("exited: {:?}", self.status)
+            },
+            self.start.elapsed(),
+            self.stdout().trim_end(),
+            self.stderr().trim_end()
+        )
+    }
+}
+
+impl Drop for BgProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The python helper with the test servers and clients (tests/support/nettool.py).
+pub fn nettool_path() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/nettool.py").to_string()
+}
+
+/// Whether `ss -Hln{proto}` in `ns` shows a socket listening on local `port` (proto `t`/`u`).
+pub fn listening(ns: &Netns, proto: char, port: u16) -> bool {
+    let flags = format!("-Hln{proto}");
+    let filter = format!("sport = :{port}");
+    let out = run_with_deadline(
+        ns.exec("ss", &[flags.as_str(), filter.as_str()]),
+        Duration::from_secs(5),
+    );
+    out.success() && !out.stdout.trim().is_empty()
+}
+
+/// How many TCP sockets in `ns` are in SYN-SENT towards `dst` (`a.b.c.d:port`).
+pub fn syn_sent_count(ns: &Netns, dst: &str) -> usize {
+    let out = run_with_deadline(
+        ns.exec("ss", &["-Htn", "state", "syn-sent"]),
+        Duration::from_secs(5),
+    );
+    out.stdout
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == dst))
+        .count()
+}
+
+/// A counter from `/proc/net/snmp` in `ns`, e.g. ("Icmp", "InEchos").
+pub fn snmp_counter(ns: &Netns, group: &str, field: &str) -> Option<u64> {
+    let out = run_with_deadline(ns.exec("cat", &["/proc/net/snmp"]), Duration::from_secs(5));
+    let prefix = format!("{group}:");
+    let mut lines = out.stdout.lines().filter(|l| l.starts_with(&prefix));
+    let names: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
+    let i = names.iter().position(|n| *n == field)?;
+    values.get(i)?.parse().ok()
+}
+
+/// Writes `value` to `/proc/sys/<key with / for .>` inside `ns`; panics on failure.
+pub fn ns_sysctl(ns: &Netns, key: &str, value: &str) {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let script = format!("echo '{value}' > {path}");
+    let out = run_with_deadline(
+        ns.exec("sh", &["-c", script.as_str()]),
+        Duration::from_secs(5),
+    );
+    if !out.success() {
+        panic!("sysctl {key}={value} in {}: {}", ns.name(), out.describe());
+    }
+}
+
+/// The D side of the veth pair between the daemon's namespace and the server namespace.
+pub const VETH_D_IP: &str = "10.200.0.1";
+/// The server namespace's address, reachable from the daemon's namespace.
+pub const VETH_S_IP: &str = "10.200.0.2";
+/// A subnet routed from D via S, where S drops everything (no forwarding): SYNs go unanswered.
+pub const BLACKHOLE_NET: &str = "10.201.0.0/24";
+
+/// The outbound rig: namespace D runs the daemon (only `lo` and a veth to S, a route to
+/// 10.201.0.0/24 via S, no default route); S is a server namespace at 10.200.0.2 with forwarding
+/// off (so 10.201.0.x silently drops SYNs); G is the guest with usernet's tap0, configured by
+/// udhcpc (192.168.5.15/24, default route via usernet's 192.168.5.2).
+pub struct OutboundRig {
+    // Dropped first: the daemon, then the namespaces (which kill whatever runs in them).
+    pub daemon: Daemon,
+    pub lease: LeaseInfo,
+    pub g: Netns,
+    pub s: Netns,
+    pub d: Netns,
+}
+
+impl OutboundRig {
+    #[track_caller]
+    pub fn new(extra_daemon_args: &[&str]) -> OutboundRig {
+        let d = Netns::new("d");
+        let s = Netns::new("s");
+        let g = Netns::new("g");
+        // The veth pair D <-> S (names are per namespace, so fixed names cannot collide).
+        d.ip_ok(&[
+            "link",
+            "add",
+            "veth-d",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth-s",
+            "netns",
+            s.name(),
+        ]);
+        d.ip_ok(&["addr", "add", &format!("{VETH_D_IP}/24"), "dev", "veth-d"]);
+        s.ip_ok(&["addr", "add", &format!("{VETH_S_IP}/24"), "dev", "veth-s"]);
+        d.ip_ok(&["link", "set", "dev", "veth-d", "up"]);
+        s.ip_ok(&["link", "set", "dev", "veth-s", "up"]);
+        d.ip_ok(&["route", "add", BLACKHOLE_NET, "via", VETH_S_IP]);
+        // S must not forward (the silent SYN drop for 10.201.0.x relies on it).
+        ns_sysctl(&s, "net.ipv4.ip_forward", "0");
+        // The daemon may use unprivileged ICMP ping sockets (as most distributions allow).
+        ns_sysctl(&d, "net.ipv4.ping_group_range", "0 2147483647");
+        // No IPv6 chatter from the guest (router solicitations, MLD): keeps counters quiet.
+        ns_sysctl(&g, "net.ipv6.conf.all.disable_ipv6", "1");
+        ns_sysctl(&g, "net.ipv6.conf.default.disable_ipv6", "1");
+
+        let daemon = Daemon::start_tap(&d, &g, extra_daemon_args);
+        let lease = daemon.udhcpc(&g, "tap0", &[]);
+        daemon.check_eq(
+            "guest address",
+            lease.ip,
+            ip4("192.168.5.15"),
+            &lease.client_output,
+        );
+        daemon.check_eq(
+            "guest router",
+            lease.router,
+            Some(ip4("192.168.5.2")),
+            &lease.client_output,
+        );
+        // The veth must be usable before any test relies on it.
+        let rig = OutboundRig {
+            daemon,
+            lease,
+            g,
+            s,
+            d,
+        };
+        let ping = ping_output(&rig.d, VETH_S_IP, 1);
+        if !ping.success() {
+            rig.fail(format!(
+                "rig: D cannot ping S over the veth\n{}\n{}\n{}",
+                ping.describe(),
+                describe_ns(&rig.d),
+                describe_ns(&rig.s)
+            ));
+        }
+        rig
+    }
+
+    #[track_caller]
+    pub fn fail(&self, msg: impl Display) -> ! {
+        self.daemon.fail(msg)
+    }
+
+    #[track_caller]
+    pub fn check(&self, cond: bool, msg: impl Display) {
+        self.daemon.check(cond, msg)
+    }
+
+    /// `python3 nettool.py args...` in `ns`.
+    pub fn tool(&self, ns: &Netns, args: &[&str]) -> Command {
+        let tool = nettool_path();
+        let mut full: Vec<&str> = vec!["-u", tool.as_str()];
+        full.extend_from_slice(args);
+        ns.exec("python3", &full)
+    }
+
+    /// Runs a nettool client in `ns` to completion (killed at `deadline`) and parses the JSON
+    /// on its last stdout line; fails with its output and the daemon log otherwise.
+    #[track_caller]
+    pub fn tool_json(
+        &self,
+        ns: &Netns,
+        args: &[&str],
+        deadline: Duration,
+    ) -> (serde_json::Value, RunOutput) {
+        let out = run_with_deadline(self.tool(ns, args), deadline);
+        match parse_last_json(&out.stdout) {
+            Some(v) if out.success() => (v, out),
+            _ => self.fail(format!(
+                "client in {} failed or printed no JSON\n{}",
+                ns.name(),
+                out.describe()
+            )),
+        }
+    }
+
+    /// Starts a server in `ns` and waits until it listens on `port` (`proto` 't' or 'u').
+    #[track_caller]
+    pub fn server(&self, ns: &Netns, cmd: Command, proto: char, port: u16) -> BgProcess {
+        let mut p = BgProcess::spawn(cmd);
+        let mut exited = false;
+        let ok = poll_until(Duration::from_secs(10), || {
+            if !p.running() {
+                exited = true;
+                return true;
+            }
+            listening(ns, proto, port)
+        });
+        if exited || !ok {
+            let why = if exited {
+                "exited"
+            } else {
+                "did not listen within 10 s"
+            };
+            self.fail(format!(
+                "server in {} on port {port}/{proto} {why}\n{}",
+                ns.name(),
+                p.describe()
+            ));
+        }
+        p
+    }
+
+    /// A nettool server in `ns`.
+    #[track_caller]
+    pub fn tool_server(&self, ns: &Netns, args: &[&str], proto: char, port: u16) -> BgProcess {
+        self.server(ns, self.tool(ns, args), proto, port)
+    }
+
+    /// `busybox httpd -f -p BIND:PORT -h DIR` in `ns`.
+    #[track_caller]
+    pub fn httpd(&self, ns: &Netns, bind: &str, port: u16, dir: &Path) -> BgProcess {
+        let addr = format!("{bind}:{port}");
+        let dir = dir.to_string_lossy().into_owned();
+        let cmd = ns.exec(
+            "busybox",
+            &[
+                "httpd",
+                "-f",
+                "-vv",
+                "-p",
+                addr.as_str(),
+                "-h",
+                dir.as_str(),
+            ],
+        );
+        self.server(ns, cmd, 't', port)
+    }
+
+    /// The guest's neighbour entry (MAC) for the router (a ping, answered or not, makes the
+    /// guest resolve it first).
+    #[track_caller]
+    pub fn router_mac(&self) -> String {
+        let _ = ping_output(&self.g, "192.168.5.2", 1);
+        let out = self
+            .g
+            .ip_ok(&["neigh", "show", "192.168.5.2", "dev", "tap0"]);
+        let mut w = out.split_whitespace();
+        while let Some(x) = w.next() {
+            if x == "lladdr" {
+                if let Some(m) = w.next() {
+                    return m.to_string();
+                }
+            }
+        }
+        self.fail(format!(
+            "no neighbour entry for 192.168.5.2 in the guest: {out}"
+        ))
+    }
+}
+
+/// The JSON value on the last non-empty line of `text`.
+pub fn parse_last_json(text: &str) -> Option<serde_json::Value> {
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    serde_json::from_str(line).ok()
+}
+
+/// Every JSON line of `text` (servers print one per connection).
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

@@ -1,0 +1,340 @@
+//! The NAT: carries the guests' routed TCP, UDP and ICMP out through ordinary host sockets and
+//! the answers back, as a router would. Refused is refused (RST, ICMP unreachable), silence is
+//! silence, and a guest only hears an answer that the real destination gave.
+//!
+//! Every flow is its own tokio task with its own host socket; the tables here only map a flow
+//! key to the task's inbox, so the cost of a packet does not grow with the number of flows.
+//! Frames towards guests leave through the [`Uplink`]. Needs a tokio runtime.
+
+mod icmp;
+mod tcp;
+mod udp;
+mod uplink;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::{MacAddr, Routed};
+pub use uplink::FrameSink;
+use uplink::Uplink;
+
+/// How the NAT behaves.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// The gateway's MAC (source of every frame to guests).
+    pub gateway_mac: MacAddr,
+    /// The link MTU (IP packets to guests are fragmented or segmented to fit).
+    pub mtu: u16,
+    /// The subnet's network address and prefix.
+    pub network: Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix: u8,
+    /// The host address: traffic to it goes to the host's 127.0.0.1.
+    pub host_ip: Ipv4Addr,
+    /// Whether the host address reaches the host's loopback (`false`: refused).
+    pub host_loopback: bool,
+    /// The DNS address: served locally, never NATed.
+    pub dns_ip: Ipv4Addr,
+    /// Bind outgoing sockets to this address (`--outbound-addr`).
+    pub outbound_addr: Option<Ipv4Addr>,
+    /// How long a host-side TCP connect may take before the guest gets a RST.
+    pub tcp_connect_timeout: Duration,
+    /// TCP connections in the connecting state at most; more are refused.
+    pub max_tcp_connecting: usize,
+    /// Established TCP connections at most; more are refused.
+    pub max_tcp_established: usize,
+    /// The guest-side TCP buffer size, each direction (sets the advertised window).
+    pub tcp_buffer: usize,
+    /// A UDP flow with no traffic either way for this long is closed.
+    pub udp_timeout: Duration,
+}
+
+impl NatConfig {
+    /// A configuration for the given link with the documented defaults.
+    pub fn new(
+        gateway_mac: MacAddr,
+        mtu: u16,
+        network: Ipv4Addr,
+        prefix: u8,
+        host_ip: Ipv4Addr,
+        dns_ip: Ipv4Addr,
+    ) -> Self {
+        NatConfig {
+            gateway_mac,
+            mtu,
+            network,
+            prefix,
+            host_ip,
+            host_loopback: true,
+            dns_ip,
+            outbound_addr: None,
+            tcp_connect_timeout: Duration::from_secs(30),
+            max_tcp_connecting: 1024,
+            max_tcp_established: 65536,
+            tcp_buffer: 512 * 1024,
+            udp_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Where a guest's destination is on the host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// Connect to this address.
+    Host(Ipv4Addr),
+    /// Refuse (RST / ICMP port unreachable), as a host with nothing there would.
+    Refuse,
+}
+
+/// Counters of one protocol, updated by every flow of it.
+#[derive(Debug, Default)]
+pub struct FlowCounters {
+    /// Flows open right now.
+    pub open: AtomicU64,
+    /// TCP: connects in flight right now.
+    pub connecting: AtomicU64,
+    /// Flows opened so far.
+    pub opened: AtomicU64,
+    /// Flows closed so far.
+    pub closed: AtomicU64,
+    /// Flows refused (host refused, timed out, limits, no host loopback).
+    pub refused: AtomicU64,
+    /// Payload bytes carried to guests.
+    pub bytes_to_guest: AtomicU64,
+    /// Payload bytes carried from guests.
+    pub bytes_from_guest: AtomicU64,
+    /// Packets dropped: malformed (bad checksum, truncated).
+    pub drop_malformed: AtomicU64,
+    /// Packets dropped: a flow's inbox was full.
+    pub drop_queue_full: AtomicU64,
+    /// Packets dropped: the host socket failed to send.
+    pub drop_send_failed: AtomicU64,
+    /// Packets dropped: limits reached.
+    pub drop_limit: AtomicU64,
+}
+
+/// A snapshot of [`FlowCounters`].
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FlowStats {
+    /// Flows open right now.
+    pub open: u64,
+    /// TCP: connects in flight right now.
+    pub connecting: u64,
+    /// Flows opened so far.
+    pub opened: u64,
+    /// Flows closed so far.
+    pub closed: u64,
+    /// Flows refused.
+    pub refused: u64,
+    /// Payload bytes carried to guests.
+    pub bytes_to_guest: u64,
+    /// Payload bytes carried from guests.
+    pub bytes_from_guest: u64,
+    /// Packets dropped: malformed.
+    pub drop_malformed: u64,
+    /// Packets dropped: a flow's inbox was full.
+    pub drop_queue_full: u64,
+    /// Packets dropped: the host socket failed to send.
+    pub drop_send_failed: u64,
+    /// Packets dropped: limits reached.
+    pub drop_limit: u64,
+}
+
+impl FlowCounters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> FlowStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FlowStats {
+            open: g(&self.open),
+            connecting: g(&self.connecting),
+            opened: g(&self.opened),
+            closed: g(&self.closed),
+            refused: g(&self.refused),
+            bytes_to_guest: g(&self.bytes_to_guest),
+            bytes_from_guest: g(&self.bytes_from_guest),
+            drop_malformed: g(&self.drop_malformed),
+            drop_queue_full: g(&self.drop_queue_full),
+            drop_send_failed: g(&self.drop_send_failed),
+            drop_limit: g(&self.drop_limit),
+        }
+    }
+}
+
+/// ICMP counters.
+#[derive(Debug, Default)]
+pub struct IcmpCounters {
+    /// Echo requests from guests sent out.
+    pub echo_requests: AtomicU64,
+    /// Echo replies from destinations delivered to guests.
+    pub echo_replies: AtomicU64,
+    /// ICMP errors (unreachable, TTL exceeded) delivered to guests.
+    pub errors_to_guest: AtomicU64,
+    /// Echo requests dropped: no ping socket and no raw socket could be opened.
+    pub drop_no_socket: AtomicU64,
+    /// ICMP messages from guests that are not echo requests (not forwarded).
+    pub drop_unsupported: AtomicU64,
+    /// Echo requests to refused destinations (not answered).
+    pub refused: AtomicU64,
+    /// Echo requests dropped: limits reached (ping flows, a flow's queue, descriptors).
+    pub drop_limit: AtomicU64,
+    /// Echo requests dropped: the host socket failed to send.
+    pub drop_send_failed: AtomicU64,
+}
+
+/// A snapshot of [`IcmpCounters`].
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IcmpStats {
+    /// Echo requests sent out.
+    pub echo_requests: u64,
+    /// Echo replies delivered.
+    pub echo_replies: u64,
+    /// ICMP errors delivered to guests.
+    pub errors_to_guest: u64,
+    /// Echo requests dropped for want of a socket.
+    pub drop_no_socket: u64,
+    /// Unsupported ICMP messages from guests.
+    pub drop_unsupported: u64,
+    /// Echo requests to refused destinations.
+    pub refused: u64,
+    /// Echo requests dropped: limits reached.
+    pub drop_limit: u64,
+    /// Echo requests dropped: the host socket failed to send.
+    pub drop_send_failed: u64,
+}
+
+/// What the NAT has done, per protocol.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NatStats {
+    /// TCP.
+    pub tcp: FlowStats,
+    /// UDP.
+    pub udp: FlowStats,
+    /// ICMP.
+    pub icmp: IcmpStats,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: NatConfig,
+    pub(crate) uplink: Uplink,
+    pub(crate) tcp_counters: FlowCounters,
+    pub(crate) udp_counters: FlowCounters,
+    pub(crate) icmp_counters: IcmpCounters,
+    pub(crate) tcp_flows: Mutex<HashMap<tcp::Key, (u64, tokio::sync::mpsc::Sender<Bytes>)>>,
+    pub(crate) udp_flows: Mutex<HashMap<udp::Key, udp::FlowHandle>>,
+    pub(crate) icmp: icmp::Pinger,
+}
+
+impl Shared {
+    /// Where `dst` (a guest's destination) is on the host side.
+    pub(crate) fn target(&self, dst: Ipv4Addr) -> Target {
+        let c = &self.config;
+        if dst == c.host_ip {
+            return if c.host_loopback {
+                Target::Host(Ipv4Addr::LOCALHOST)
+            } else {
+                Target::Refuse
+            };
+        }
+        // The host's loopback is reachable only through the host address (and not at all with
+        // `host_loopback` off); 0.0.0.0/8 means "this host" too.
+        if dst == c.dns_ip
+            || dst.is_loopback()
+            || dst.octets()[0] == 0
+            || dst.is_broadcast()
+            || dst.is_multicast()
+        {
+            return Target::Refuse;
+        }
+        Target::Host(dst)
+    }
+
+    /// The local address to bind outgoing sockets to, if any.
+    pub(crate) fn bind_addr(&self, target: Ipv4Addr) -> Option<SocketAddr> {
+        match self.config.outbound_addr {
+            Some(a) if !target.is_loopback() => Some(SocketAddr::V4(SocketAddrV4::new(a, 0))),
+            _ => None,
+        }
+    }
+}
+
+/// The NAT. Cheap to clone; all clones share the flow tables.
+#[derive(Clone)]
+pub struct Nat {
+    shared: Arc<Shared>,
+}
+
+impl Nat {
+    /// A NAT sending its frames to `sink`.
+    pub fn new(config: NatConfig, sink: FrameSink) -> Nat {
+        let uplink = Uplink::new(sink, config.gateway_mac, config.mtu);
+        Nat {
+            shared: Arc::new(Shared {
+                icmp: icmp::Pinger::new(),
+                config,
+                uplink,
+                tcp_counters: FlowCounters::default(),
+                udp_counters: FlowCounters::default(),
+                icmp_counters: IcmpCounters::default(),
+                tcp_flows: Mutex::new(HashMap::new()),
+                udp_flows: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Route one packet from a guest. Must be called inside a tokio runtime.
+    pub fn route(&self, packet: Routed) {
+        match packet {
+            Routed::Tcp { src_mac, packet } => {
+                tcp::route(&self.shared, src_mac, Bytes::from(packet))
+            }
+            Routed::Udp {
+                src_mac,
+                src,
+                dst,
+                ttl,
+                payload,
+            } => udp::route(&self.shared, src_mac, src, dst, ttl, Bytes::from(payload)),
+            Routed::Icmp {
+                src_mac,
+                src,
+                dst,
+                ttl,
+                message,
+            } => icmp::route(&self.shared, src_mac, src, dst, ttl, Bytes::from(message)),
+        }
+    }
+
+    /// What the NAT has done so far.
+    pub fn stats(&self) -> NatStats {
+        let s = &self.shared;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let i = &s.icmp_counters;
+        NatStats {
+            tcp: s.tcp_counters.snapshot(),
+            udp: s.udp_counters.snapshot(),
+            icmp: IcmpStats {
+                echo_requests: g(&i.echo_requests),
+                echo_replies: g(&i.echo_replies),
+                errors_to_guest: g(&i.errors_to_guest),
+                drop_no_socket: g(&i.drop_no_socket),
+                drop_unsupported: g(&i.drop_unsupported),
+                refused: g(&i.refused),
+                drop_limit: g(&i.drop_limit),
+                drop_send_failed: g(&i.drop_send_failed),
+            },
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! TCP NAT: each guest connection is its own task with its own host socket and its own
+//! smoltcp interface (IP medium, any-IP) holding exactly one socket, so a segment costs the
+//! same whatever the number of open connections, and smoltcp does the guest-side TCP
+//! (retransmission, window scaling, MSS from the MTU, keep-alive).
+//!
+//! Connect first: the guest's SYN is held until the host-side connect succeeds; only then is it
+//! fed to smoltcp, which answers SYN-ACK. A refused connect, a timeout or a limit reached gives
+//! the guest a RST, as a host with nothing listening would. FIN and RST are carried both ways;
+//! when both sides are done the task ends and everything of the connection is freed.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpControl,
+    TcpPacket, TcpRepr, TcpSeqNumber,
+};
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+use super::{FlowCounters, Shared, Target};
+use crate::frame::{write_ipv4, IPV4_HEADER_LEN};
+use crate::MacAddr;
+
+/// A TCP connection: the guest's address and port, and the destination's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+/// Tells one connection's table entry from a later one with the same key.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Segments queued for one connection before they are dropped (TCP recovers).
+const INBOX: usize = 512;
+/// Keep-alive towards both sides.
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// A guest that answers nothing (not even keep-alives) for this long loses the connection.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Route one TCP segment from a guest (the whole IPv4 packet).
+pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
+    let c = &shared.tcp_counters;
+    let Some((key, flags)) = parse(&packet) else {
+        FlowCounters::inc(&c.drop_malformed);
+        return;
+    };
+    let mut flows = shared.tcp_flows.lock().unwrap();
+    if let Some((_, inbox)) = flows.get(&key) {
+        match inbox.try_send(packet) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                FlowCounters::inc(&c.drop_queue_full);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(p)) => {
+                // The task has just ended; treat the segment as for no connection.
+                flows.remove(&key);
+                drop(flows);
+                return no_connection(shared, src_mac, &p, flags);
+            }
+        }
+    }
+    if !checksum_ok(&packet) {
+        FlowCounters::inc(&c.drop_malformed);
+        return;
+    }
+    if !flags.syn || flags.ack {
+        drop(flows);
+        return no_connection(shared, src_mac, &packet, flags);
+    }
+    let cfg = &shared.config;
+    let connecting = c.connecting.load(Ordering::Relaxed) as usize;
+    let open = c.open.load(Ordering::Relaxed) as usize;
+    if connecting >= cfg.max_tcp_connecting || open + connecting >= cfg.max_tcp_established {
+        drop(flows);
+        FlowCounters::inc(&c.drop_limit);
+        FlowCounters::inc(&c.refused);
+        tracing::warn!(
+            "TCP limit reached ({connecting} connecting, {open} established): refusing {} -> {}",
+            key.guest,
+            key.dst
+        );
+        return reset(shared, src_mac, &packet);
+    }
+    let target = match shared.target(*key.dst.ip()) {
+        Target::Host(ip) => SocketAddr::V4(SocketAddrV4::new(ip, key.dst.port())),
+        Target::Refuse => {
+            drop(flows);
+            FlowCounters::inc(&c.refused);
+            return reset(shared, src_mac, &packet);
+        }
+    };
+    let (tx, rx) = mpsc::channel(INBOX);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    flows.insert(key, (id, tx));
+    drop(flows);
+    FlowCounters::inc(&c.connecting);
+    let conn = Conn {
+        shared: Arc::clone(shared),
+        key,
+        id,
+        mac: src_mac,
+    };
+    tokio::spawn(conn.run(target, packet, rx));
+}
+
+#[derive(Clone, Copy)]
+struct Flags {
+    syn: bool,
+    ack: bool,
+    rst: bool,
+}
+
+fn parse(packet: &[u8]) -> Option<(Key, Flags)> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let key = Key {
+        guest: SocketAddrV4::new(ip.src_addr(), tcp.src_port()),
+        dst: SocketAddrV4::new(ip.dst_addr(), tcp.dst_port()),
+    };
+    let flags = Flags {
+        syn: tcp.syn(),
+        ack: tcp.ack(),
+        rst: tcp.rst(),
+    };
+    Some((key, flags))
+}
+
+fn checksum_ok(packet: &[u8]) -> bool {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+        return false;
+    };
+    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        return false;
+    };
+    tcp.verify_checksum(
+        &IpAddress::Ipv4(ip.src_addr()),
+        &IpAddress::Ipv4(ip.dst_addr()),
+    )
+}
+
+/// A segment for no connection: answered with a RST unless it is one (RFC 793).
+fn no_connection(shared: &Shared, mac: MacAddr, packet: &[u8], flags: Flags) {
+    if !flags.rst {
+        reset(shared, mac, packet);
+    }
+}
+
+/// Send the guest the RST that answers `packet`.
+fn reset(shared: &Shared, mac: MacAddr, packet: &[u8]) {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+        return;
+    };
+    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        return;
+    };
+    let (seq, ack) = if tcp.ack() {
+        (tcp.ack_number(), None)
+    } else {
+        let len = tcp.payload().len() + usize::from(tcp.syn()) + usize::from(tcp.fin());
+        (TcpSeqNumber(0), Some(tcp.seq_number() + len))
+    };
+    let repr = TcpRepr {
+        src_port: tcp.dst_port(),
+        dst_port: tcp.src_port(),
+        control: TcpControl::Rst,
+        seq_number: seq,
+        ack_number: ack,
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let (src, dst) = (ip.dst_addr(), ip.src_addr());
+    let len = repr.buffer_len();
+    shared.uplink.send_with(mac, IPV4_HEADER_LEN + len, |b| {
+        write_ipv4(b, src, dst, IpProtocol::Tcp, len, false, |p| {
+            repr.emit(
+                &mut TcpPacket::new_unchecked(p),
+                &IpAddress::Ipv4(src),
+                &IpAddress::Ipv4(dst),
+                &ChecksumCapabilities::default(),
+            )
+        })
+    });
+}
+
+/// One connection's task.
+struct Conn {
+    shared: Arc<Shared>,
+    key: Key,
+    id: u64,
+    mac: MacAddr,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let mut flows = self.shared.tcp_flows.lock().unwrap();
+        if flows.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            flows.remove(&self.key);
+        }
+    }
+}
+
+async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if let SocketAddr::V4(t) = target {
+        if let Some(bind) = shared.bind_addr(*t.ip()) {
+            sock.bind(bind)?;
+        }
+    }
+    let stream = sock.connect(target).await?;
+    let _ = stream.set_nodelay(true);
+    let _ = SockRef::from(&stream).set_keepalive(true);
+    let _ = SockRef::from(&stream)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
+    Ok(stream)
+}
+
+impl Conn {
+    async fn run(self, target: SocketAddr, syn: Bytes, mut inbox: mpsc::Receiver<Bytes>) {
+        let c = &self.shared.tcp_counters;
+        let timeout = self.shared.config.tcp_connect_timeout;
+        let connecting = tokio::time::timeout(timeout, connect(&self.shared, target));
+        tokio::pin!(connecting);
+        let result = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                p = inbox.recv() => match p {
+                    None => {
+                        FlowCounters::dec(&c.connecting);
+                        return;
+                    }
+                    // The guest gave up on the connect.
+                    Some(p) if parse(&p).is_some_and(|(_, f)| f.rst) => {
+                        FlowCounters::dec(&c.connecting);
+                        FlowCounters::inc(&c.refused);
+                        return;
+                    }
+                    Some(_) => {} // a retransmitted SYN: still connecting
+                }
+            }
+        };
+        FlowCounters::dec(&c.connecting);
+        let stream = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("{} -> {target}: {e}", self.key.guest);
+                FlowCounters::inc(&c.refused);
+                return reset(&self.shared, self.mac, &syn);
+            }
+            Err(_) => {
+                tracing::debug!("{} -> {target}: connect timed out", self.key.guest);
+                FlowCounters::inc(&c.refused);
+                return reset(&self.shared, self.mac, &syn);
+            }
+        };
+        FlowCounters::inc(&c.opened);
+        FlowCounters::inc(&c.open);
+        if let Err(e) = self.relay(stream, syn, &mut inbox).await {
+            tracing::debug!("{} -> {target}: {e}", self.key.guest);
+        }
+        FlowCounters::dec(&c.open);
+        FlowCounters::inc(&c.closed);
+    }
+
+    /// Carry the connection until both sides are done.
+    async fn relay(
+        &self,
+        stream: TcpStream,
+        syn: Bytes,
+        inbox: &mut mpsc::Receiver<Bytes>,
+    ) -> io::Result<()> {
+        let shared = &self.shared;
+        let c = &shared.tcp_counters;
+        let mut dev = GuestLink {
+            rx: VecDeque::from([syn]),
+            shared,
+            mac: self.mac,
+        };
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = seed(&self.key);
+        let now = smoltcp::time::Instant::now();
+        let mut iface = Interface::new(config, &mut dev, now);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(
+                IpAddress::Ipv4(shared.config.host_ip),
+                shared.config.prefix,
+            ));
+        });
+        let size = shared.config.tcp_buffer;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; size]),
+            tcp::SocketBuffer::new(vec![0; size]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(KEEPALIVE.into()));
+        socket.set_timeout(Some(GUEST_TIMEOUT.into()));
+        socket
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(*self.key.dst.ip())),
+                port: self.key.dst.port(),
+            })
+            .map_err(|e| io::Error::other(format!("listen: {e}")))?;
+        let mut storage = [smoltcp::iface::SocketStorage::EMPTY];
+        let mut sockets = SocketSet::new(&mut storage[..]);
+        let handle = sockets.add(socket);
+
+        let mut host_read_open = true; // the host may still send to the guest
+        let mut host_write_open = true; // the guest may still send to the host
+        loop {
+            iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+            let sock = sockets.get_mut::<tcp::Socket>(handle);
+            let mut moved = false;
+            // Guest -> host.
+            while host_write_open && sock.can_recv() {
+                let r = sock.recv(|buf| match stream.try_write(buf) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                });
+                match r {
+                    Ok(Ok(n)) => {
+                        FlowCounters::add(&c.bytes_from_guest, n as u64);
+                        moved = true;
+                    }
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Ok(Err(e)) => {
+                        sock.abort();
+                        iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+                        return Err(e);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let sock = sockets.get_mut::<tcp::Socket>(handle);
+            if host_write_open
+                && !sock.may_recv()
+                && sock.recv_queue() == 0
+                && sock.state() != tcp::State::SynReceived
+                && sock.state() != tcp::State::Listen
+            {
+                // The guest sent FIN and everything before it is written: half-close the host side.
+                let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
+                host_write_open = false;
+            }
+            // Host -> guest.
+            while host_read_open && sock.can_send() {
+                let r = sock.send(|buf| match stream.try_read(buf) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                });
+                match r {
+                    Ok(Ok(0)) => {
+                        // The host closed its side: FIN to the guest after the data.
+                        host_read_open = false;
+                        sock.close();
+                        moved = true;
+                    }
+                    Ok(Ok(n)) => {
+                        FlowCounters::add(&c.bytes_to_guest, n as u64);
+                        moved = true;
+                    }
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Ok(Err(e)) => {
+                        // Reset by the host: reset the guest.
+                        sock.abort();
+                        iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+                        return Err(e);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let sock = sockets.get_mut::<tcp::Socket>(handle);
+            match sock.state() {
+                tcp::State::Closed => {
+                    if host_read_open || host_write_open {
+                        // The guest reset (or timed out): reset the host side too.
+                        let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
+                    return Ok(());
+                }
+                tcp::State::TimeWait => return Ok(()),
+                _ => {}
+            }
+            if moved {
+                continue; // push what just moved before waiting
+            }
+            let want_read = host_read_open && sock.can_send();
+            let want_write = host_write_open && sock.can_recv();
+            let delay = iface.poll_delay(smoltcp::time::Instant::now(), &sockets);
+            let sleep = tokio::time::sleep(
+                delay
+                    .map(Duration::from)
+                    .unwrap_or(Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                p = inbox.recv() => match p {
+                    Some(p) => {
+                        dev.rx.push_back(p);
+                        while let Ok(p) = inbox.try_recv() {
+                            dev.rx.push_back(p);
+                            if dev.rx.len() >= 64 { break; }
+                        }
+                    }
+                    None => return Ok(()),
+                },
+                r = stream.readable(), if want_read => r?,
+                w = stream.writable(), if want_write => w?,
+                _ = sleep => {}
+            }
+        }
+    }
+}
+
+/// A per-connection random seed for smoltcp (initial sequence numbers, ports).
+fn seed(key: &Key) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(key)
+}
+
+/// The guest side of one connection as a smoltcp device: segments from the inbox in, IP
+/// packets out through the uplink.
+struct GuestLink<'a> {
+    rx: VecDeque<Bytes>,
+    shared: &'a Shared,
+    mac: MacAddr,
+}
+
+impl Device for GuestLink<'_> {
+    type RxToken<'b>
+        = RxToken
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((
+            RxToken(packet),
+            TxToken {
+                shared: self.shared,
+                mac: self.mac,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
+        Some(TxToken {
+            shared: self.shared,
+            mac: self.mac,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.shared.uplink.mtu();
+        caps.checksum = ChecksumCapabilities::default();
+        caps
+    }
+}
+
+struct RxToken(Bytes);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+struct TxToken<'a> {
+    shared: &'a Shared,
+    mac: MacAddr,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut result = None;
+        self.shared
+            .uplink
+            .send_with(self.mac, len, |b| result = Some(f(b)));
+        result.expect("send_with calls its writer")
+    }
+}

@@ -1,0 +1,741 @@
+//! UDP NAT: one connected host socket and one task per flow (guest address and port,
+//! destination address and port).
+//!
+//! The host socket has `IP_RECVERR` set, so the ICMP errors the host receives about a flow's
+//! datagrams (port or host unreachable, TTL exceeded) are read from its error queue and sent
+//! on to the guest, from the address that reported them, as a router would. The guest's TTL
+//! is carried over, less one, so traceroute works through the NAT.
+//!
+//! The socket helpers shared with the ICMP NAT (error queue, errno and ICMP translation, TTL)
+//! live here too.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use smoltcp::wire::{Icmpv4DstUnreachable, IpProtocol, UDP_HEADER_LEN};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::uplink::{IcmpError, Original};
+use super::{FlowCounters, Shared, Target};
+use crate::MacAddr;
+
+/// Flows at most; datagrams that would open more are dropped (`drop_limit`).
+pub(crate) const MAX_FLOWS: usize = 65536;
+/// Datagrams queued towards one flow's host socket; more are dropped (`drop_queue_full`).
+const INBOX: usize = 64;
+/// The largest UDP payload in an IPv4 datagram.
+pub(crate) const MAX_DATAGRAM: usize = 65507;
+/// The receive buffer for host datagrams (a datagram never exceeds it).
+const RECV_BUF: usize = 65536;
+/// Datagrams or errors handled per wake-up before other branches get a turn.
+const BATCH: usize = 64;
+
+/// A UDP flow: the guest's address and port, and the destination's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+/// The table's handle on a flow's task.
+pub(crate) struct FlowHandle {
+    /// Tells this flow from a later one with the same key.
+    id: u64,
+    inbox: mpsc::Sender<Datagram>,
+}
+
+/// A guest datagram on its way to the host socket.
+struct Datagram {
+    ttl: u8,
+    payload: Bytes,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Route one datagram from a guest (see the module docs).
+pub(crate) fn route(
+    shared: &Arc<Shared>,
+    src_mac: MacAddr,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    payload: Bytes,
+) {
+    let c = &shared.udp_counters;
+    if payload.len() > MAX_DATAGRAM {
+        FlowCounters::inc(&c.drop_malformed);
+        return;
+    }
+    let orig = |kind: IcmpError, from: Ipv4Addr| {
+        let head = udp_head(src, dst, payload.len());
+        shared.uplink.send_icmp_error(
+            src_mac,
+            from,
+            kind,
+            &udp_original(src, dst, ttl, payload.len(), &head),
+        );
+        FlowCounters::inc(&shared.icmp_counters.errors_to_guest);
+    };
+    if ttl <= 1 {
+        // A router does not forward a packet whose TTL runs out here.
+        orig(IcmpError::TtlExceeded, shared.config.host_ip);
+        return;
+    }
+    let key = Key { guest: src, dst };
+    let datagram = Datagram {
+        ttl,
+        payload: payload.clone(),
+    };
+    let Some(datagram) = offer(shared, &lock(&shared.udp_flows), &key, datagram) else {
+        return;
+    };
+
+    // A new flow.
+    let target = match shared.target(*dst.ip()) {
+        Target::Host(ip) => ip,
+        Target::Refuse => {
+            FlowCounters::inc(&c.refused);
+            // RFC 1122 3.2.2: no ICMP errors about datagrams to broadcast or multicast.
+            if !dst.ip().is_broadcast() && !dst.ip().is_multicast() {
+                orig(
+                    IcmpError::Unreachable(Icmpv4DstUnreachable::PortUnreachable),
+                    *dst.ip(),
+                );
+            }
+            return;
+        }
+    };
+    if lock(&shared.udp_flows).len() >= MAX_FLOWS {
+        FlowCounters::inc(&c.drop_limit);
+        return;
+    }
+    let target = SocketAddrV4::new(target, dst.port());
+    let sock = match open_socket(shared, target) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("udp {src} -> {dst}: no host socket: {e}");
+            match HostError::local(&e)
+                .and_then(|h| h.translate(*target.ip(), *dst.ip(), shared.config.host_ip))
+            {
+                Some((kind, from)) => {
+                    FlowCounters::inc(&c.refused);
+                    orig(kind, from);
+                }
+                None if is_resource_error(&e) => FlowCounters::inc(&c.drop_limit),
+                None => FlowCounters::inc(&c.drop_send_failed),
+            }
+            return;
+        }
+    };
+
+    let (tx, rx) = mpsc::channel(INBOX);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut flows = lock(&shared.udp_flows);
+        // Another thread may have opened the same flow meanwhile: use that one.
+        let Some(datagram) = offer(shared, &flows, &key, datagram) else {
+            return;
+        };
+        if flows.len() >= MAX_FLOWS {
+            FlowCounters::inc(&c.drop_limit);
+            return;
+        }
+        // Cannot fail: the channel is new and empty.
+        let _ = tx.try_send(datagram);
+        flows.insert(key, FlowHandle { id, inbox: tx });
+    }
+    FlowCounters::inc(&c.opened);
+    FlowCounters::inc(&c.open);
+    let flow = Flow {
+        shared: shared.clone(),
+        key,
+        id,
+        guest_mac: src_mac,
+        target,
+        sock,
+        host_ttl: HostTtl::default(),
+        last: (ttl, payload.len()),
+    };
+    tokio::spawn(flow.run(rx));
+}
+
+/// Hand `datagram` to the flow `key` if it exists (`None`: handled, or dropped and counted);
+/// give it back if there is no such flow.
+fn offer(
+    shared: &Shared,
+    flows: &MutexGuard<'_, std::collections::HashMap<Key, FlowHandle>>,
+    key: &Key,
+    datagram: Datagram,
+) -> Option<Datagram> {
+    let Some(handle) = flows.get(key) else {
+        return Some(datagram);
+    };
+    match handle.inbox.try_send(datagram) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            FlowCounters::inc(&shared.udp_counters.drop_queue_full);
+            None
+        }
+        // The task is gone (it removes its entry before it ends, so this is a panic): the
+        // caller opens a new flow and replaces the entry.
+        Err(mpsc::error::TrySendError::Closed(d)) => Some(d),
+    }
+}
+
+fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
+    set_recverr(sock.as_raw_fd())?;
+    let bind = shared
+        .bind_addr(*target.ip())
+        .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
+    sock.bind(&bind.into())?;
+    sock.connect(&SocketAddr::V4(target).into())?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// One flow's task state.
+struct Flow {
+    shared: Arc<Shared>,
+    key: Key,
+    id: u64,
+    guest_mac: MacAddr,
+    /// The host side's destination (the host address mapped to 127.0.0.1).
+    target: SocketAddrV4,
+    sock: UdpSocket,
+    host_ttl: HostTtl,
+    /// The guest's TTL and payload length of the last datagram sent, for ICMP errors.
+    last: (u8, usize),
+}
+
+enum Event {
+    Datagram(Option<Datagram>),
+    Readable(io::Result<()>),
+    Error(io::Result<tokio::io::Ready>),
+    Idle,
+}
+
+impl Flow {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Datagram>) {
+        let timeout = self.shared.config.udp_timeout;
+        let idle = tokio::time::sleep(timeout);
+        tokio::pin!(idle);
+        loop {
+            let event = tokio::select! {
+                d = inbox.recv() => Event::Datagram(d),
+                r = self.sock.readable() => Event::Readable(r),
+                r = self.sock.ready(Interest::ERROR) => Event::Error(r),
+                () = &mut idle => Event::Idle,
+            };
+            match event {
+                Event::Datagram(None) => break,
+                Event::Datagram(Some(d)) => {
+                    self.send(d).await;
+                    idle.as_mut().reset(Instant::now() + timeout);
+                }
+                Event::Readable(Err(_)) | Event::Error(Err(_)) => break,
+                Event::Readable(Ok(())) => {
+                    if self.receive() {
+                        idle.as_mut().reset(Instant::now() + timeout);
+                    }
+                }
+                Event::Error(Ok(_)) => {
+                    let sock = &self.sock;
+                    let fd = sock.as_raw_fd();
+                    for _ in 0..BATCH {
+                        match sock.try_io(Interest::ERROR, || recv_error(fd)) {
+                            Ok(e) => self.report(e),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Event::Idle => {
+                    let mut flows = lock(&self.shared.udp_flows);
+                    // route() queues under this lock: nothing can slip in after this check.
+                    if !inbox.is_empty() {
+                        idle.as_mut().reset(Instant::now() + timeout);
+                        continue;
+                    }
+                    if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
+                        flows.remove(&self.key);
+                    }
+                    drop(flows);
+                    self.closed();
+                    return;
+                }
+            }
+        }
+        // The socket failed: take the entry out (if still ours) so the next datagram opens anew.
+        let mut flows = lock(&self.shared.udp_flows);
+        if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
+            flows.remove(&self.key);
+        }
+        drop(flows);
+        self.closed();
+    }
+
+    fn closed(&self) {
+        let c = &self.shared.udp_counters;
+        FlowCounters::inc(&c.closed);
+        FlowCounters::dec(&c.open);
+    }
+
+    /// Send a guest datagram out of the host socket.
+    async fn send(&mut self, d: Datagram) {
+        let c = &self.shared.udp_counters;
+        self.host_ttl.set(&self.sock, d.ttl);
+        self.last = (d.ttl, d.payload.len());
+        for attempt in 0..2 {
+            match self.sock.send(&d.payload).await {
+                Ok(_) => {
+                    FlowCounters::add(&c.bytes_from_guest, d.payload.len() as u64);
+                    return;
+                }
+                Err(e) => {
+                    // A pending error about an earlier datagram fails this send: report it and
+                    // send this one again.
+                    if self.drain_errors() > 0 && attempt == 0 {
+                        continue;
+                    }
+                    tracing::debug!("udp {} -> {}: send: {e}", self.key.guest, self.key.dst);
+                    FlowCounters::inc(&c.drop_send_failed);
+                    self.report(HostError::local(&e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carry the host socket's datagrams to the guest; whether any arrived.
+    fn receive(&mut self) -> bool {
+        let mut any = false;
+        for _ in 0..BATCH {
+            let (shared, key, mac) = (&self.shared, self.key, self.guest_mac);
+            let r: io::Result<usize> = with_buffer(|buf| {
+                let n = self.sock.try_recv(buf)?;
+                // Replies come from the address the guest sent to, not the one we talked to.
+                shared.uplink.send_udp(mac, key.dst, key.guest, &buf[..n]);
+                Ok(n)
+            });
+            match r {
+                Ok(n) => {
+                    FlowCounters::add(&shared.udp_counters.bytes_to_guest, n as u64);
+                    any = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // An ICMP error reported through recv: its details are in the error queue.
+                    if self.drain_errors() == 0 {
+                        self.report(HostError::local(&e));
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Read the error queue dry (bounded); how many entries it held.
+    fn drain_errors(&self) -> usize {
+        let fd = self.sock.as_raw_fd();
+        let mut n = 0;
+        while n < BATCH {
+            match recv_error(fd) {
+                Ok(e) => {
+                    n += 1;
+                    self.report(e);
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    /// Send the guest the ICMP error `e` (if it is one to pass on) about its last datagram.
+    fn report(&self, e: Option<HostError>) {
+        let shared = &self.shared;
+        let Some((kind, from)) = e.and_then(|e| {
+            e.translate(*self.target.ip(), *self.key.dst.ip(), shared.config.host_ip)
+        }) else {
+            return;
+        };
+        let (ttl, len) = self.last;
+        let head = udp_head(self.key.guest, self.key.dst, len);
+        let orig = udp_original(self.key.guest, self.key.dst, ttl, len, &head);
+        shared
+            .uplink
+            .send_icmp_error(self.guest_mac, from, kind, &orig);
+        FlowCounters::inc(&shared.icmp_counters.errors_to_guest);
+    }
+}
+
+/// The 8-byte UDP header of a guest datagram, as quoted in ICMP errors (checksum 0: "none").
+pub(crate) fn udp_head(src: SocketAddrV4, dst: SocketAddrV4, payload_len: usize) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[0..2].copy_from_slice(&src.port().to_be_bytes());
+    h[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    let len = u16::try_from(UDP_HEADER_LEN + payload_len).unwrap_or(u16::MAX);
+    h[4..6].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
+fn udp_original<'a>(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    payload_len: usize,
+    head: &'a [u8; 8],
+) -> Original<'a> {
+    Original {
+        src: *src.ip(),
+        dst: *dst.ip(),
+        protocol: IpProtocol::Udp,
+        ttl,
+        payload_len: UDP_HEADER_LEN + payload_len,
+        head,
+    }
+}
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a receive buffer of [`RECV_BUF`] bytes shared by the flows of this thread.
+pub(crate) fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BUFFER.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < RECV_BUF {
+                buf.resize(RECV_BUF, 0);
+            }
+            f(&mut buf)
+        }
+        // Re-entered (cannot happen unless a frame sink routes synchronously): a fresh one.
+        Err(_) => f(&mut vec![0u8; RECV_BUF]),
+    })
+}
+
+/// Lock a flow table, ignoring poisoning (the tables stay consistent across a panic).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Running out of descriptors or memory (a limit, not an answer from the network).
+pub(crate) fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The host socket's TTL, set from the guest's TTL less one when that changes.
+#[derive(Debug, Default)]
+pub(crate) struct HostTtl(Option<u8>);
+
+impl HostTtl {
+    pub(crate) fn set(&mut self, sock: &UdpSocket, guest_ttl: u8) {
+        let ttl = guest_ttl.saturating_sub(1).max(1);
+        if self.0 != Some(ttl) {
+            match SockRef::from(sock).set_ttl_v4(u32::from(ttl)) {
+                Ok(()) => self.0 = Some(ttl),
+                Err(e) => tracing::debug!("IP_TTL {ttl}: {e}"),
+            }
+        }
+    }
+}
+
+/// Ask for ICMP errors about this socket's packets in its error queue (`IP_RECVERR`).
+pub(crate) fn set_recverr(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid fd and an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An error the host reported about a socket's packet: from its error queue, or an errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostError {
+    /// The errno it maps to.
+    pub errno: i32,
+    /// `SO_EE_ORIGIN_*`.
+    pub origin: u8,
+    /// ICMP type and code (origin ICMP).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The address that sent the ICMP error.
+    pub offender: Option<Ipv4Addr>,
+    /// The first bytes of the offending packet's payload as queued (ICMP: its header).
+    pub quoted: [u8; 8],
+    pub quoted_len: usize,
+}
+
+impl HostError {
+    /// An errno from a syscall (no error-queue details).
+    pub(crate) fn local(e: &io::Error) -> Option<HostError> {
+        Some(HostError {
+            errno: e.raw_os_error()?,
+            origin: libc::SO_EE_ORIGIN_LOCAL,
+            icmp_type: 0,
+            icmp_code: 0,
+            offender: None,
+            quoted: [0; 8],
+            quoted_len: 0,
+        })
+    }
+
+    /// The ICMP error to send the guest, and where from, if this is one to pass on. `target` is
+    /// the host socket's peer, `orig_dst` the destination as the guest addressed it, `gateway`
+    /// the gateway's address (errors the host itself raises come from the gateway, as from a
+    /// router).
+    pub(crate) fn translate(
+        &self,
+        target: Ipv4Addr,
+        orig_dst: Ipv4Addr,
+        gateway: Ipv4Addr,
+    ) -> Option<(IcmpError, Ipv4Addr)> {
+        match self.origin {
+            libc::SO_EE_ORIGIN_ICMP => {
+                let kind = match (self.icmp_type, self.icmp_code) {
+                    // Fragmentation needed: the host handles path MTU itself.
+                    (3, 4) => return None,
+                    (3, code) if code <= 15 => {
+                        IcmpError::Unreachable(Icmpv4DstUnreachable::from(code))
+                    }
+                    (11, 0) => IcmpError::TtlExceeded,
+                    _ => return None,
+                };
+                let from = match self.offender {
+                    None => orig_dst,
+                    Some(o) if o == target => orig_dst,
+                    // The host's own stack answered for the loopback destination.
+                    Some(o) if o.is_loopback() && target.is_loopback() => orig_dst,
+                    Some(o) if o.is_loopback() || o.is_unspecified() => gateway,
+                    Some(o) => o,
+                };
+                Some((kind, from))
+            }
+            libc::SO_EE_ORIGIN_LOCAL | libc::SO_EE_ORIGIN_NONE => {
+                use Icmpv4DstUnreachable as U;
+                let (reason, from) = match self.errno {
+                    libc::ECONNREFUSED => (U::PortUnreachable, orig_dst),
+                    libc::EHOSTUNREACH | libc::EHOSTDOWN => (U::HostUnreachable, gateway),
+                    libc::ENETUNREACH | libc::ENETDOWN => (U::NetUnreachable, gateway),
+                    libc::EACCES | libc::EPERM => (U::CommProhibited, gateway),
+                    _ => return None,
+                };
+                Some((IcmpError::Unreachable(reason), from))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Dequeue one entry of the socket's error queue (`Ok(None)`: one without `IP_RECVERR` data).
+/// `WouldBlock` when it is empty.
+pub(crate) fn recv_error(fd: RawFd) -> io::Result<Option<HostError>> {
+    use std::mem::{size_of, size_of_val, zeroed};
+    let mut data = [0u8; 8];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: plain C structs, all-zero is valid.
+    let mut name: libc::sockaddr_in = unsafe { zeroed() };
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut name).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control) as _;
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let quoted_len = usize::try_from(n).unwrap_or(0).min(data.len());
+    let mut found = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled in, bounded by
+    // msg_controllen; every read is bounds-checked against cmsg_len and unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR {
+                let p = libc::CMSG_DATA(cmsg);
+                let len = (c.cmsg_len as usize).saturating_sub(p as usize - cmsg as usize);
+                let ee_len = size_of::<libc::sock_extended_err>();
+                if len >= ee_len {
+                    let ee: libc::sock_extended_err = std::ptr::read_unaligned(p.cast());
+                    let mut offender = None;
+                    if len >= ee_len + size_of::<libc::sockaddr_in>() {
+                        let sa: libc::sockaddr_in = std::ptr::read_unaligned(p.add(ee_len).cast());
+                        if libc::c_int::from(sa.sin_family) == libc::AF_INET {
+                            offender = Some(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)));
+                        }
+                    }
+                    found = Some(HostError {
+                        errno: ee.ee_errno as i32,
+                        origin: ee.ee_origin,
+                        icmp_type: ee.ee_type,
+                        icmp_code: ee.ee_code,
+                        offender,
+                        quoted: data,
+                        quoted_len,
+                    });
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const T: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 5, 2);
+
+    fn icmp(t: u8, c: u8, offender: Option<Ipv4Addr>) -> HostError {
+        HostError {
+            errno: libc::EHOSTUNREACH,
+            origin: libc::SO_EE_ORIGIN_ICMP,
+            icmp_type: t,
+            icmp_code: c,
+            offender,
+            quoted: [0; 8],
+            quoted_len: 0,
+        }
+    }
+
+    #[test]
+    fn icmp_errors_translate() {
+        let router = Ipv4Addr::new(198, 51, 100, 1);
+        let port = IcmpError::Unreachable(Icmpv4DstUnreachable::PortUnreachable);
+        assert_eq!(icmp(3, 3, Some(T)).translate(T, T, GW), Some((port, T)));
+        assert_eq!(
+            icmp(11, 0, Some(router)).translate(T, T, GW),
+            Some((IcmpError::TtlExceeded, router))
+        );
+        assert_eq!(
+            icmp(3, 1, Some(router)).translate(T, T, GW),
+            Some((
+                IcmpError::Unreachable(Icmpv4DstUnreachable::HostUnreachable),
+                router
+            ))
+        );
+        assert_eq!(icmp(3, 3, None).translate(T, T, GW), Some((port, T)));
+        // Fragmentation needed, reassembly timeout, parameter problem, redirects: not passed on.
+        assert_eq!(icmp(3, 4, Some(router)).translate(T, T, GW), None);
+        assert_eq!(icmp(11, 1, Some(router)).translate(T, T, GW), None);
+        assert_eq!(icmp(12, 0, Some(router)).translate(T, T, GW), None);
+        assert_eq!(icmp(5, 0, Some(router)).translate(T, T, GW), None);
+        assert_eq!(icmp(3, 200, Some(router)).translate(T, T, GW), None);
+    }
+
+    #[test]
+    fn loopback_errors_come_from_the_guests_destination() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let port = IcmpError::Unreachable(Icmpv4DstUnreachable::PortUnreachable);
+        // The host address maps to 127.0.0.1: the guest hears from the host address.
+        assert_eq!(icmp(3, 3, Some(lo)).translate(lo, GW, GW), Some((port, GW)));
+        // The host's stack reporting about a remote target: from the gateway.
+        assert_eq!(
+            icmp(3, 1, Some(lo)).translate(T, T, GW).map(|x| x.1),
+            Some(GW)
+        );
+    }
+
+    #[test]
+    fn errnos_translate() {
+        use Icmpv4DstUnreachable as U;
+        let e = |n| {
+            HostError::local(&io::Error::from_raw_os_error(n))
+                .unwrap()
+                .translate(T, T, GW)
+        };
+        assert_eq!(
+            e(libc::ECONNREFUSED),
+            Some((IcmpError::Unreachable(U::PortUnreachable), T))
+        );
+        assert_eq!(
+            e(libc::ENETUNREACH),
+            Some((IcmpError::Unreachable(U::NetUnreachable), GW))
+        );
+        assert_eq!(
+            e(libc::EHOSTUNREACH),
+            Some((IcmpError::Unreachable(U::HostUnreachable), GW))
+        );
+        assert_eq!(
+            e(libc::EPERM),
+            Some((IcmpError::Unreachable(U::CommProhibited), GW))
+        );
+        assert_eq!(e(libc::ENOBUFS), None);
+        assert_eq!(e(libc::EMSGSIZE), None);
+        assert!(HostError::local(&io::Error::other("x")).is_none());
+    }
+
+    #[test]
+    fn udp_head_quotes_ports_and_length() {
+        let s = SocketAddrV4::new(Ipv4Addr::new(192, 168, 5, 15), 4000);
+        let d = SocketAddrV4::new(T, 53);
+        assert_eq!(udp_head(s, d, 10), [0x0f, 0xa0, 0, 53, 0, 18, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn error_queue_reports_port_unreachable_from_loopback() {
+        // A closed port on 127.0.0.1: bind a socket to learn a free port, then close it.
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let sock =
+            Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP)).unwrap();
+        set_recverr(sock.as_raw_fd()).unwrap();
+        sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        sock.send(b"x").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let e = loop {
+            match recv_error(sock.as_raw_fd()) {
+                Ok(e) => break e.unwrap(),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("no error queued: {e}"),
+            }
+        };
+        assert_eq!(
+            (e.origin, e.icmp_type, e.icmp_code),
+            (libc::SO_EE_ORIGIN_ICMP, 3, 3)
+        );
+        assert_eq!(e.errno, libc::ECONNREFUSED);
+        assert_eq!(e.offender, Some(Ipv4Addr::LOCALHOST));
+        // Reading the queue cleared the pending error: the next send goes out.
+        sock.send(b"y").unwrap();
+    }
+}

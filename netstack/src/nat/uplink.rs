@@ -1,0 +1,159 @@
+//! The NAT's way back to the guests: wraps IPv4 packets in Ethernet frames from the gateway's
+//! MAC, fragments those over the MTU (UDP), and builds the ICMP errors a router sends.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv4TimeExceeded, IpProtocol, Ipv4Repr,
+    ETHERNET_HEADER_LEN, UDP_HEADER_LEN,
+};
+
+use crate::frame::{write_ethernet, write_ipv4, write_udp, IPV4_HEADER_LEN};
+use crate::MacAddr;
+
+/// Where frames for the guests go (the gateway's switch port).
+pub type FrameSink = Arc<dyn Fn(Bytes) + Send + Sync>;
+
+/// An ICMP error a router sends back about a guest's packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IcmpError {
+    /// Destination unreachable with this code.
+    Unreachable(Icmpv4DstUnreachable),
+    /// Time exceeded in transit.
+    TtlExceeded,
+}
+
+/// The guest packet an ICMP error is about: its IP header fields and first payload bytes.
+pub(crate) struct Original<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: IpProtocol,
+    pub ttl: u8,
+    /// The original IP payload length.
+    pub payload_len: usize,
+    /// At least the first 8 bytes of the original IP payload (the transport header).
+    pub head: &'a [u8],
+}
+
+pub(crate) struct Uplink {
+    sink: FrameSink,
+    mac: MacAddr,
+    mtu: usize,
+}
+
+impl Uplink {
+    pub(crate) fn new(sink: FrameSink, mac: MacAddr, mtu: u16) -> Uplink {
+        Uplink {
+            sink,
+            mac,
+            mtu: usize::from(mtu),
+        }
+    }
+
+    /// The link MTU (largest IP packet).
+    pub(crate) fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    /// Send a frame of `ip_len` IP bytes written by `write` to `dst_mac`.
+    pub(crate) fn send_with(&self, dst_mac: MacAddr, ip_len: usize, write: impl FnOnce(&mut [u8])) {
+        let mut frame = vec![0u8; ETHERNET_HEADER_LEN + ip_len];
+        write_ethernet(&mut frame, self.mac, dst_mac);
+        write(&mut frame[ETHERNET_HEADER_LEN..]);
+        (self.sink)(Bytes::from(frame));
+    }
+
+    /// Send a whole IPv4 packet, in fragments if it is over the MTU (DF clear).
+    pub(crate) fn send_ipv4(&self, dst_mac: MacAddr, packet: &[u8]) {
+        if packet.len() <= self.mtu {
+            self.send_with(dst_mac, packet.len(), |b| b.copy_from_slice(packet));
+            return;
+        }
+        match crate::ipv4frag::fragment(packet, self.mtu) {
+            Ok(fragments) => {
+                for f in fragments {
+                    self.send_with(dst_mac, f.len(), |b| b.copy_from_slice(&f));
+                }
+            }
+            Err(e) => tracing::debug!("not sent to the guest: {e}"),
+        }
+    }
+
+    /// Send a UDP datagram from `src` to a guest at `dst`.
+    pub(crate) fn send_udp(
+        &self,
+        dst_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+    ) {
+        let len = IPV4_HEADER_LEN + UDP_HEADER_LEN + payload.len();
+        if len <= self.mtu {
+            self.send_with(dst_mac, len, |b| {
+                write_ipv4(
+                    b,
+                    *src.ip(),
+                    *dst.ip(),
+                    IpProtocol::Udp,
+                    UDP_HEADER_LEN + payload.len(),
+                    false,
+                    |p| write_udp(p, src, dst, payload),
+                )
+            });
+            return;
+        }
+        let mut packet = vec![0u8; len];
+        write_ipv4(
+            &mut packet,
+            *src.ip(),
+            *dst.ip(),
+            IpProtocol::Udp,
+            UDP_HEADER_LEN + payload.len(),
+            true,
+            |p| write_udp(p, src, dst, payload),
+        );
+        self.send_ipv4(dst_mac, &packet);
+    }
+
+    /// Send an ICMP error from `from` about the guest's packet `orig`.
+    pub(crate) fn send_icmp_error(
+        &self,
+        dst_mac: MacAddr,
+        from: Ipv4Addr,
+        kind: IcmpError,
+        orig: &Original<'_>,
+    ) {
+        let header = Ipv4Repr {
+            src_addr: orig.src,
+            dst_addr: orig.dst,
+            next_header: orig.protocol,
+            payload_len: orig.payload_len,
+            hop_limit: orig.ttl,
+        };
+        let data = &orig.head[..orig.head.len().min(8)];
+        let repr = match kind {
+            IcmpError::Unreachable(reason) => Icmpv4Repr::DstUnreachable {
+                reason,
+                header,
+                data,
+            },
+            IcmpError::TtlExceeded => Icmpv4Repr::TimeExceeded {
+                reason: Icmpv4TimeExceeded::TtlExpired,
+                header,
+                data,
+            },
+        };
+        let icmp_len = repr.buffer_len();
+        self.send_with(dst_mac, IPV4_HEADER_LEN + icmp_len, |b| {
+            write_ipv4(b, from, orig.src, IpProtocol::Icmp, icmp_len, false, |p| {
+                repr.emit(
+                    &mut Icmpv4Packet::new_unchecked(p),
+                    &ChecksumCapabilities::default(),
+                )
+            })
+        });
+    }
+}
