@@ -52,6 +52,9 @@ pub struct NatConfig {
     pub tcp_buffer: usize,
     /// A UDP flow with no traffic either way for this long is closed.
     pub udp_timeout: Duration,
+    /// Where TCP to the DNS address port 53 goes (the DNS server's TCP listener); refused
+    /// when `None`.
+    pub dns_tcp: Option<SocketAddrV4>,
 }
 
 impl NatConfig {
@@ -78,6 +81,7 @@ impl NatConfig {
             max_tcp_established: 65536,
             tcp_buffer: 512 * 1024,
             udp_timeout: Duration::from_secs(180),
+            dns_tcp: None,
         }
     }
 }
@@ -261,6 +265,18 @@ impl Shared {
         Target::Host(dst)
     }
 
+    /// Where a TCP connection to `dst` goes: the DNS address's port 53 is the local DNS
+    /// server, everything else as [`Shared::target`].
+    pub(crate) fn tcp_target(&self, dst: SocketAddrV4) -> Option<SocketAddrV4> {
+        if *dst.ip() == self.config.dns_ip && dst.port() == 53 {
+            return self.config.dns_tcp;
+        }
+        match self.target(*dst.ip()) {
+            Target::Host(ip) => Some(SocketAddrV4::new(ip, dst.port())),
+            Target::Refuse => None,
+        }
+    }
+
     /// The local address to bind outgoing sockets to, if any.
     pub(crate) fn bind_addr(&self, target: Ipv4Addr) -> Option<SocketAddr> {
         match self.config.outbound_addr {
@@ -315,6 +331,18 @@ impl Nat {
                 message,
             } => icmp::route(&self.shared, src_mac, src, dst, ttl, Bytes::from(message)),
         }
+    }
+
+    /// Send a UDP datagram from a local service (e.g. DNS at the DNS address) to a guest,
+    /// fragmented if it is over the MTU.
+    pub fn send_udp(
+        &self,
+        guest_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+    ) {
+        self.shared.uplink.send_udp(guest_mac, src, dst, payload);
     }
 
     /// What the NAT has done so far.

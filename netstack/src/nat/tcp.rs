@@ -27,7 +27,7 @@ use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
-use super::{FlowCounters, Shared, Target};
+use super::{FlowCounters, Shared};
 use crate::frame::{write_ipv4, IPV4_HEADER_LEN};
 use crate::MacAddr;
 
@@ -92,14 +92,12 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
         );
         return reset(shared, src_mac, &packet);
     }
-    let target = match shared.target(*key.dst.ip()) {
-        Target::Host(ip) => SocketAddr::V4(SocketAddrV4::new(ip, key.dst.port())),
-        Target::Refuse => {
-            drop(flows);
-            FlowCounters::inc(&c.refused);
-            return reset(shared, src_mac, &packet);
-        }
+    let Some(target) = shared.tcp_target(key.dst) else {
+        drop(flows);
+        FlowCounters::inc(&c.refused);
+        return reset(shared, src_mac, &packet);
     };
+    let target = SocketAddr::V4(target);
     let (tx, rx) = mpsc::channel(INBOX);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     flows.insert(key, (id, tx));
@@ -350,12 +348,15 @@ impl Conn {
                 }
             }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
-            if host_write_open
-                && !sock.may_recv()
-                && sock.recv_queue() == 0
-                && sock.state() != tcp::State::SynReceived
-                && sock.state() != tcp::State::Listen
-            {
+            // The guest sent FIN (not RST: a reset is carried as a reset, below).
+            let guest_fin = matches!(
+                sock.state(),
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+            );
+            if host_write_open && guest_fin && sock.recv_queue() == 0 {
                 // The guest sent FIN and everything before it is written: half-close the host side.
                 let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
                 host_write_open = false;

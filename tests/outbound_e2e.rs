@@ -1,0 +1,1025 @@
+//! End-to-end tests of the outbound path: the guest (namespace G, 192.168.5.15 by DHCP) reaches
+//! servers on the daemon namespace's loopback (as 192.168.5.2) and in a server namespace S
+//! (10.200.0.2, behind a veth from the daemon's namespace D) through usernet's host sockets:
+//! TCP (bulk both ways, half-close, RST, refusal, pending connects, 1000 flows), UDP (sizes up to
+//! fragmented 65507 bytes, flow timeout), ICMP echo, and malformed frames. See
+//! `support::OutboundRig`. Traffic goes only to loopback and to the test's own namespaces;
+//! 10.201.0.0/24 is routed from D into S, which drops it (forwarding off): SYNs go unanswered.
+//! Without root and the tools the tests print `SKIPPED:` unless `USERNET_E2E=1`.
+
+mod support;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const HOST: &str = "192.168.5.2";
+const SERVER: &str = VETH_S_IP;
+/// An address the daemon's namespace has no route to: host sockets fail locally.
+const UNROUTED: &str = "10.202.0.1";
+const TOOLS: &[&str] = &["busybox", "python3", "curl", "ss"];
+
+fn rig(test: &str, extra: &[&str]) -> Option<OutboundRig> {
+    if !require_root_and_tools(test, TOOLS) {
+        return None;
+    }
+    Some(OutboundRig::new(extra))
+}
+
+/// Straight to stderr so it shows even under libtest's capture.
+fn note(msg: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(x) => x.to_string(),
+        None => String::new(),
+    }
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+/// A deterministic text file of about 200 KB.
+fn page_text() -> String {
+    let mut t = String::from("usernet outbound e2e test page\n");
+    for i in 0..6000 {
+        t.push_str(&format!(
+            "line {i:05} of the served file: the quick brown fox\n"
+        ));
+    }
+    t
+}
+
+/// Compares a client's received text with the expected content, with a short account.
+fn same_text(got: &str, want: &str) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let at = got
+        .bytes()
+        .zip(want.bytes())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "content differs: got {} bytes, expected {}; first difference at byte {at}: got {:?}",
+        got.len(),
+        want.len(),
+        &got[at.min(got.len())..(at + 60).min(got.len())]
+    ))
+}
+
+fn curl(rig: &OutboundRig, url: &str) -> RunOutput {
+    run_with_deadline(
+        rig.g
+            .exec("curl", &["-sS", "--max-time", "20", "-o", "-", url]),
+        Duration::from_secs(30),
+    )
+}
+
+#[track_caller]
+fn assert_curl(rig: &OutboundRig, url: &str, want: &str, server: &mut BgProcess) {
+    let out = curl(rig, url);
+    let res = if out.success() {
+        same_text(&out.stdout, want)
+    } else {
+        Err("curl failed".to_string())
+    };
+    if let Err(e) = res {
+        let mut o = out;
+        o.stdout.truncate(2000);
+        rig.fail(format!(
+            "curl {url} from the guest: {e}\n{}\n{}",
+            o.describe(),
+            server.describe()
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. HTTP to the host's loopback and to the server namespace
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn curl_reaches_host_loopback_and_server_namespace() {
+    let Some(rig) = rig("curl_reaches_host_loopback_and_server_namespace", &[]) else {
+        return;
+    };
+    let text = page_text();
+    let (dir, _file) = temp_file("page.txt", &text);
+    let mut on_d = rig.httpd(&rig.d, "127.0.0.1", 8080, dir.path());
+    let mut on_s = rig.httpd(&rig.s, SERVER, 8081, dir.path());
+
+    assert_curl(
+        &rig,
+        &format!("http://{HOST}:8080/page.txt"),
+        &text,
+        &mut on_d,
+    );
+    assert_curl(
+        &rig,
+        &format!("http://{SERVER}:8081/page.txt"),
+        &text,
+        &mut on_s,
+    );
+    // Twice more each, so connection reuse of ports and flow teardown are exercised too.
+    assert_curl(
+        &rig,
+        &format!("http://{HOST}:8080/page.txt"),
+        &text,
+        &mut on_d,
+    );
+    assert_curl(
+        &rig,
+        &format!("http://{SERVER}:8081/page.txt"),
+        &text,
+        &mut on_s,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Bulk transfers both ways, sha256 compared
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `nbytes` guest -> `host:sink_port` and receives `nbytes` from `host:source_port`;
+/// sha256 must agree at both ends.
+fn bulk_both_ways(
+    rig: &OutboundRig,
+    host: &str,
+    sink_port: u16,
+    source_port: u16,
+    nbytes: u64,
+    deadline: Duration,
+    sink: &mut BgProcess,
+    source: &mut BgProcess,
+) {
+    let n = nbytes.to_string();
+    let mib = nbytes as f64 / f64::from(1u32 << 20);
+
+    // Guest -> server.
+    let out = run_with_deadline(
+        rig.tool(&rig.g, &["send", host, &sink_port.to_string(), &n]),
+        deadline,
+    );
+    let Some(v) = parse_last_json(&out.stdout).filter(|_| out.success()) else {
+        rig.fail(format!(
+            "guest -> {host}:{sink_port}: {mib} MiB upload did not complete within {deadline:?}\n{}\n{}",
+            out.describe(),
+            sink.describe()
+        ));
+    };
+    let want_reply = format!("{nbytes} {}", s(&v, "sha"));
+    if s(&v, "reply") != want_reply {
+        rig.fail(format!(
+            "guest -> {host}:{sink_port}: the server received something else: server says {:?}, \
+             guest sent {want_reply:?}\n{}\n{}",
+            s(&v, "reply"),
+            out.describe(),
+            sink.describe()
+        ));
+    }
+    note(format!(
+        "bulk guest -> {host}: {mib} MiB in {:.2} s = {:.1} MiB/s",
+        f(&v, "secs"),
+        f(&v, "mib_per_s")
+    ));
+
+    // Server -> guest.
+    let out = run_with_deadline(
+        rig.tool(&rig.g, &["recv", host, &source_port.to_string(), &n]),
+        deadline,
+    );
+    let Some(v) = parse_last_json(&out.stdout).filter(|_| out.success()) else {
+        rig.fail(format!(
+            "{host}:{source_port} -> guest: {mib} MiB download did not complete within {deadline:?}\n{}\n{}",
+            out.describe(),
+            source.describe()
+        ));
+    };
+    if u(&v, "got") != nbytes || s(&v, "sha") != s(&v, "expected_sha") {
+        rig.fail(format!(
+            "{host}:{source_port} -> guest: got {} bytes sha {}, expected {nbytes} bytes sha {}\n{}\n{}",
+            s(&v, "got"),
+            s(&v, "sha"),
+            s(&v, "expected_sha"),
+            out.describe(),
+            source.describe()
+        ));
+    }
+    note(format!(
+        "bulk {host} -> guest: {mib} MiB in {:.2} s = {:.1} MiB/s",
+        f(&v, "secs"),
+        f(&v, "mib_per_s")
+    ));
+}
+
+fn bulk_test(test: &str, nbytes: u64, deadline: Duration, also_loopback: bool) {
+    let Some(rig) = rig(test, &[]) else {
+        return;
+    };
+    let n = nbytes.to_string();
+    let mut sink = rig.tool_server(&rig.s, &["tcp-sink", SERVER, "9001"], 't', 9001);
+    let mut source = rig.tool_server(&rig.s, &["tcp-source", SERVER, "9002", &n], 't', 9002);
+    bulk_both_ways(
+        &rig,
+        SERVER,
+        9001,
+        9002,
+        nbytes,
+        deadline,
+        &mut sink,
+        &mut source,
+    );
+    if also_loopback {
+        let mut sink = rig.tool_server(&rig.d, &["tcp-sink", "127.0.0.1", "9001"], 't', 9001);
+        let mut source =
+            rig.tool_server(&rig.d, &["tcp-source", "127.0.0.1", "9002", &n], 't', 9002);
+        bulk_both_ways(
+            &rig,
+            HOST,
+            9001,
+            9002,
+            nbytes,
+            deadline,
+            &mut sink,
+            &mut source,
+        );
+    }
+    // The byte counters saw it all (each direction once per path), and every flow closed.
+    let paths = if also_loopback { 2 } else { 1 };
+    let want = nbytes * paths;
+    rig.daemon.wait_stats(
+        Duration::from_secs(30),
+        &format!("tcp.bytes_from_guest and tcp.bytes_to_guest >= {want}, tcp.open == 0"),
+        |st| {
+            stat_u64(st, "tcp.bytes_from_guest").is_some_and(|b| b >= want)
+                && stat_u64(st, "tcp.bytes_to_guest").is_some_and(|b| b >= want)
+                && stat_u64(st, "tcp.open") == Some(0)
+        },
+    );
+}
+
+#[test]
+fn bulk_64mib_both_directions() {
+    bulk_test(
+        "bulk_64mib_both_directions",
+        64 << 20,
+        Duration::from_secs(120),
+        true,
+    );
+}
+
+#[test]
+fn bulk_1gib_both_directions() {
+    bulk_test(
+        "bulk_1gib_both_directions",
+        1 << 30,
+        Duration::from_secs(240),
+        false,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Half-close both ways
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn half_close_both_ways() {
+    let Some(rig) = rig("half_close_both_ways", &[]) else {
+        return;
+    };
+    const REQ: u64 = 100_000;
+    const REPLY: u64 = 2 << 20;
+    const FIRST: u64 = 1 << 20;
+    const AFTER: u64 = 300_000;
+    for (ns, bind, target, peer) in [
+        (&rig.s, SERVER, SERVER, VETH_D_IP),
+        (&rig.d, "127.0.0.1", HOST, "127.0.0.1"),
+    ] {
+        // The guest half-closes first; the server reads to EOF, then replies and closes.
+        let mut srv = rig.tool_server(
+            ns,
+            &["tcp-halfclose", bind, "9003", &REPLY.to_string()],
+            't',
+            9003,
+        );
+        let out = run_with_deadline(
+            rig.tool(
+                &rig.g,
+                &[
+                    "halfclose",
+                    target,
+                    "9003",
+                    &REQ.to_string(),
+                    &REPLY.to_string(),
+                ],
+            ),
+            Duration::from_secs(60),
+        );
+        let v = parse_last_json(&out.stdout).filter(|_| out.success());
+        let ok = v.as_ref().is_some_and(|v| {
+            s(v, "header") == format!("{REQ} {}", s(v, "sent_sha"))
+                && u(v, "body_len") == REPLY
+                && s(v, "body_sha") == s(v, "expected_body_sha")
+        });
+        if !ok {
+            rig.fail(format!(
+                "guest half-closed towards {target}:9003: the server should read {REQ} bytes to EOF \
+                 and the guest then read the whole {REPLY}-byte reply\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ));
+        }
+        let seen = json_lines(&srv.stdout());
+        rig.check(
+            seen.iter()
+                .any(|l| s(l, "peer") == peer && u(l, "got") == REQ),
+            format!(
+                "the server should report {REQ} bytes from {peer}\n{}",
+                srv.describe()
+            ),
+        );
+
+        // The server half-closes first; the guest reads to EOF, then sends and closes.
+        let mut srv = rig.tool_server(
+            ns,
+            &["tcp-serverfirst", bind, "9004", &FIRST.to_string()],
+            't',
+            9004,
+        );
+        let out = run_with_deadline(
+            rig.tool(
+                &rig.g,
+                &[
+                    "serverfirst",
+                    target,
+                    "9004",
+                    &FIRST.to_string(),
+                    &AFTER.to_string(),
+                ],
+            ),
+            Duration::from_secs(60),
+        );
+        let v = parse_last_json(&out.stdout).filter(|_| out.success());
+        let ok = v
+            .as_ref()
+            .is_some_and(|v| u(v, "got") == FIRST && s(v, "sha") == s(v, "expected_sha"));
+        if !ok {
+            rig.fail(format!(
+                "{target}:9004 half-closed first: the guest should read all {FIRST} bytes, then \
+                 still send {AFTER} bytes\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ));
+        }
+        let sent_sha = s(v.as_ref().unwrap(), "sent_sha");
+        let mut got_it = false;
+        poll_until(Duration::from_secs(10), || {
+            got_it = json_lines(&srv.stdout())
+                .iter()
+                .any(|l| u(l, "got") == AFTER && s(l, "sha") == sent_sha);
+            got_it
+        });
+        rig.check(
+            got_it,
+            format!(
+                "after its own FIN, the server at {target} should still receive the guest's \
+                 {AFTER} bytes (sha {sent_sha})\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. RST both ways
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rst_both_ways() {
+    let Some(rig) = rig("rst_both_ways", &[]) else {
+        return;
+    };
+    for (ns, bind, target) in [(&rig.s, SERVER, SERVER), (&rig.d, "127.0.0.1", HOST)] {
+        // Server -> guest: the server reads "hello" and closes with SO_LINGER 0.
+        let mut srv = rig.tool_server(ns, &["tcp-rst", bind, "9005"], 't', 9005);
+        let (v, out) = rig.tool_json(&rig.g, &["rst", target, "9005"], Duration::from_secs(30));
+        if s(&v, "result") != "reset" {
+            rig.fail(format!(
+                "a server at {target} closing with SO_LINGER 0: the guest should see \
+                 ECONNRESET\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ));
+        }
+
+        // Guest -> server: the guest sends "hello" and closes with SO_LINGER 0.
+        let mut obs = rig.tool_server(ns, &["tcp-observe", bind, "9006"], 't', 9006);
+        let (_v, out) = rig.tool_json(&rig.g, &["abort", target, "9006"], Duration::from_secs(30));
+        let mut seen = None;
+        poll_until(Duration::from_secs(10), || {
+            seen = json_lines(&obs.stdout()).into_iter().next();
+            seen.is_some()
+        });
+        let res = seen.as_ref().map(|l| s(l, "result"));
+        if res.as_deref() != Some("reset") {
+            rig.fail(format!(
+                "the guest aborted (SO_LINGER 0) its connection to {target}: the server should \
+                 see ECONNRESET, saw {res:?}\n{}\n{}",
+                out.describe(),
+                obs.describe()
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Refusal is immediate
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn connection_refused_within_one_second() {
+    let Some(rig) = rig("connection_refused_within_one_second", &[]) else {
+        return;
+    };
+    for target in [HOST, SERVER] {
+        let (v, out) = rig.tool_json(
+            &rig.g,
+            &["connect", target, "9999", "10"],
+            Duration::from_secs(20),
+        );
+        let elapsed = f(&v, "elapsed");
+        if s(&v, "result") != "refused" || !(elapsed < 1.0) {
+            rig.fail(format!(
+                "connect to the closed port {target}:9999 should be refused within 1 s; \
+                 got {} after {elapsed:.3} s\n{}",
+                s(&v, "result"),
+                out.describe()
+            ));
+        }
+        note(format!(
+            "refused by {target}:9999 after {:.1} ms",
+            elapsed * 1000.0
+        ));
+    }
+    // D has no route to 10.202.0.0/24 (no default route either): the host connect fails
+    // locally, and the guest must hear of it at once instead of retrying its SYN.
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["connect", UNROUTED, "80", "10"],
+        Duration::from_secs(20),
+    );
+    let elapsed = f(&v, "elapsed");
+    let res = s(&v, "result");
+    if res == "connected" || res == "timeout" || !(elapsed < 1.0) {
+        rig.fail(format!(
+            "connect to {UNROUTED}:80 (no route in the daemon's namespace) should fail within \
+             1 s; got {res} after {elapsed:.3} s\n{}",
+            out.describe()
+        ));
+    }
+    note(format!(
+        "{UNROUTED}:80 (unrouted): {res} after {:.1} ms",
+        elapsed * 1000.0
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Pending connects do not block others; they end at --tcp-connect-timeout
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pending_connects_do_not_block_and_time_out() {
+    let Some(rig) = rig(
+        "pending_connects_do_not_block_and_time_out",
+        &["--tcp-connect-timeout", "5"],
+    ) else {
+        return;
+    };
+    const N: usize = 20;
+    const DROPPED: &str = "10.201.0.5";
+    let dst = format!("{DROPPED}:80");
+    let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9007"], 't', 9007);
+    let mut pending = BgProcess::spawn(rig.tool(
+        &rig.g,
+        &["connect-many", DROPPED, "80", &N.to_string(), "20"],
+    ));
+    let started = Instant::now();
+    let mut problems = Vec::new();
+
+    // All N are pending in the guest and, as host connects, in the daemon's namespace.
+    if !poll_until(Duration::from_secs(5), || syn_sent_count(&rig.g, &dst) >= N) {
+        rig.fail(format!(
+            "the guest should have {N} connects to {dst} pending (SYN-SENT), has {}\n{}",
+            syn_sent_count(&rig.g, &dst),
+            pending.describe()
+        ));
+    }
+    if !poll_until(Duration::from_secs(5), || syn_sent_count(&rig.d, &dst) >= N) {
+        problems.push(format!(
+            "the daemon should have {N} host connects to {dst} pending (SYN-SENT in D), has {}",
+            syn_sent_count(&rig.d, &dst)
+        ));
+    }
+
+    // Meanwhile a working server answers at once.
+    let out = run_with_deadline(
+        rig.tool(&rig.g, &["echo-many", SERVER, "9007", "1", "65536", "10"]),
+        Duration::from_secs(15),
+    );
+    let v = parse_last_json(&out.stdout).filter(|_| out.success());
+    let secs = v.as_ref().map(|v| f(v, "secs")).unwrap_or(f64::NAN);
+    let ok = v.as_ref().is_some_and(|v| u(v, "ok") == 1);
+    if !ok || !(secs < 2.0) {
+        rig.fail(format!(
+            "with {N} connects pending, a 64 KiB echo with {SERVER}:9007 should complete within \
+             2 s (took {secs:.3} s)\n{}\n{}\n{}",
+            out.describe(),
+            echo.describe(),
+            pending.describe()
+        ));
+    }
+    note(format!(
+        "echo with {N} connects pending: {:.1} ms",
+        secs * 1000.0
+    ));
+
+    if started.elapsed() < Duration::from_secs(4) {
+        match rig.daemon.try_stats() {
+            Ok(st) => {
+                let c = stat_u64(&st, "tcp.connecting");
+                if c.is_none_or(|c| c < N as u64) {
+                    problems.push(format!(
+                        "stats tcp.connecting should be >= {N} while they are pending: {st}"
+                    ));
+                }
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+
+    // The pending ones must fail at about the connect timeout (5 s), not hang to their own 20 s.
+    let out = pending.finish(Duration::from_secs(30));
+    match parse_last_json(&out.stdout) {
+        Some(v) => {
+            let results = v
+                .get("results")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if results.len() != N {
+                problems.push(format!("expected {N} results from the pending client"));
+            }
+            let kinds: std::collections::BTreeSet<String> =
+                results.iter().map(|r| s(r, "result")).collect();
+            let els: Vec<f64> = results.iter().map(|r| f(r, "elapsed")).collect();
+            note(format!(
+                "{N} pending connects ended: {kinds:?} after {:.2}..{:.2} s",
+                els.iter().cloned().fold(f64::INFINITY, f64::min),
+                els.iter().cloned().fold(0.0, f64::max)
+            ));
+            for (i, r) in results.iter().enumerate() {
+                let res = s(r, "result");
+                let el = f(r, "elapsed");
+                if res == "connected" || res == "timeout" || !(4.0..=10.5).contains(&el) {
+                    problems.push(format!(
+                        "pending connect #{i} to {dst}: {res} after {el:.2} s (expected an error \
+                         (reset/refused) between 4 and 10.5 s, from --tcp-connect-timeout 5)"
+                    ));
+                }
+            }
+        }
+        None => problems.push("the pending client printed no results".to_string()),
+    }
+    if !poll_until(Duration::from_secs(5), || syn_sent_count(&rig.d, &dst) == 0) {
+        problems.push(format!(
+            "the daemon should have abandoned its host connects to {dst}; still {} SYN-SENT in D",
+            syn_sent_count(&rig.d, &dst)
+        ));
+    }
+    if !problems.is_empty() {
+        rig.fail(format!("{}\n{}", problems.join("\n"), out.describe()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. 1000 concurrent connections
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn thousand_concurrent_echo_connections() {
+    let Some(rig) = rig("thousand_concurrent_echo_connections", &[]) else {
+        return;
+    };
+    const N: u64 = 1000;
+    let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9008"], 't', 9008);
+    let out = run_with_deadline(
+        rig.tool(
+            &rig.g,
+            &["echo-many", SERVER, "9008", &N.to_string(), "65536", "170"],
+        ),
+        Duration::from_secs(180),
+    );
+    let v = parse_last_json(&out.stdout).filter(|_| out.success());
+    if v.as_ref().is_none_or(|v| u(v, "ok") != N) {
+        rig.fail(format!(
+            "{N} concurrent connections each echoing 64 KiB through usernet should all succeed\n{}\n{}",
+            out.describe(),
+            echo.describe()
+        ));
+    }
+    let v = v.unwrap();
+    note(format!(
+        "{N} x 64 KiB echo: {:.2} s (slowest connection {:.2} s)",
+        f(&v, "secs"),
+        f(&v, "max_conn_secs")
+    ));
+    let st = rig.daemon.wait_stats(
+        Duration::from_secs(30),
+        "tcp.open == 0 after all closed",
+        |st| stat_u64(st, "tcp.open") == Some(0) && stat_u64(st, "tcp.connecting") == Some(0),
+    );
+    rig.check(
+        stat_u64(&st, "tcp.opened").is_some_and(|n| n >= N)
+            && stat_u64(&st, "tcp.closed").is_some_and(|n| n >= N),
+        format!("stats tcp.opened and tcp.closed should be >= {N}: {st}"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. UDP
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn udp_echo_sizes_and_flow_timeout() {
+    let Some(rig) = rig("udp_echo_sizes_and_flow_timeout", &["--udp-timeout", "2"]) else {
+        return;
+    };
+    let mut on_s = rig.tool_server(&rig.s, &["udp-echo", SERVER, "9009"], 'u', 9009);
+    let mut on_d = rig.tool_server(&rig.d, &["udp-echo", "127.0.0.1", "9009"], 'u', 9009);
+    let sizes = ["1", "1400", "60000", "65507"];
+    for (target, bind_port, srv, peer) in [
+        (SERVER, "40100", &mut on_s, VETH_D_IP),
+        (HOST, "40101", &mut on_d, "127.0.0.1"),
+    ] {
+        let mut args = vec!["udp-echo-client", target, "9009", bind_port];
+        args.extend_from_slice(&sizes);
+        let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
+        let results = v
+            .get("results")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let bad: Vec<&Value> = results
+            .iter()
+            .filter(|r| r.get("ok") != Some(&Value::Bool(true)))
+            .collect();
+        if results.len() != sizes.len() || !bad.is_empty() {
+            rig.fail(format!(
+                "UDP echo via {target}:9009 of sizes {sizes:?}: every reply must be byte-identical \
+                 and come from {target}:9009; failed: {bad:?}\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ));
+        }
+        let seen = json_lines(&srv.stdout());
+        rig.check(
+            seen.iter()
+                .any(|l| s(l, "peer") == peer && u(l, "len") == 60000),
+            format!(
+                "the echo server behind {target} should have seen the 60000-byte datagram from \
+                 {peer}\n{}",
+                srv.describe()
+            ),
+        );
+    }
+
+    // Per-flow host sockets: every datagram of the guest's flow from port 40100 left from one
+    // host port; another guest flow (port 40102) leaves from another.
+    let ports = |srv: &BgProcess| -> std::collections::BTreeSet<u64> {
+        json_lines(&srv.stdout())
+            .iter()
+            .map(|l| u(l, "port"))
+            .collect()
+    };
+    let first = ports(&on_s);
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["udp-echo-client", SERVER, "9009", "40102", "7"],
+        Duration::from_secs(30),
+    );
+    let exchanged = Instant::now();
+    let both = ports(&on_s);
+    if first.len() != 1 || both.len() != 2 || v.pointer("/results/0/ok") != Some(&Value::Bool(true))
+    {
+        rig.fail(format!(
+            "UDP flows from guest ports 40100 and 40102 should each use one host socket: the \
+             server saw source ports {first:?} for the first, {both:?} for both\n{}\n{}",
+            out.describe(),
+            on_s.describe()
+        ));
+    }
+
+    let st = rig.daemon.stats();
+    let mut problems = Vec::new();
+    if stat_u64(&st, "udp.opened").is_none_or(|n| n < 3) {
+        problems.push(format!("stats udp.opened should be >= 3: {st}"));
+    }
+    // (Only while the last flow cannot have expired yet: --udp-timeout 2.)
+    if exchanged.elapsed() < Duration::from_millis(1500)
+        && stat_u64(&st, "udp.open").is_none_or(|n| n < 1)
+    {
+        problems.push(format!(
+            "stats udp.open should be >= 1 right after the exchange: {st}"
+        ));
+    }
+    if !problems.is_empty() {
+        rig.fail(problems.join("\n"));
+    }
+    // 1 + 1400 + 60000 + 65507 each way on two paths, plus the 7-byte flow.
+    let want: u64 = 2 * (1 + 1400 + 60000 + 65507) + 7;
+    for k in ["udp.bytes_from_guest", "udp.bytes_to_guest"] {
+        if stat_u64(&st, k).is_none_or(|b| b < want) {
+            problems.push(format!("stats {k} should be >= {want}: {st}"));
+        }
+    }
+    if !problems.is_empty() {
+        rig.fail(problems.join("\n"));
+    }
+    let opened = stat_u64(&st, "udp.opened").unwrap_or(0);
+    rig.daemon.wait_stats(
+        Duration::from_secs(15),
+        "udp.open == 0 after --udp-timeout 2",
+        |st| stat_u64(st, "udp.open") == Some(0),
+    );
+
+    // The same 5-tuple again, after its flow expired: a new flow, which works.
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["udp-echo-client", SERVER, "9009", "40100", "100"],
+        Duration::from_secs(30),
+    );
+    let r = v.pointer("/results/0").cloned().unwrap_or_default();
+    if r.get("ok") != Some(&Value::Bool(true)) {
+        rig.fail(format!(
+            "UDP echo on the same ports after the flow expired failed\n{}\n{}",
+            out.describe(),
+            on_s.describe()
+        ));
+    }
+    let st = rig.daemon.stats();
+    rig.check(
+        stat_u64(&st, "udp.opened").is_some_and(|n| n > opened),
+        format!("stats udp.opened should have grown past {opened} for the re-created flow: {st}"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. ICMP echo
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ping_answered_only_by_real_hosts() {
+    let Some(rig) = rig("ping_answered_only_by_real_hosts", &[]) else {
+        return;
+    };
+    rig.daemon.assert_ping(&rig.g, HOST, 1);
+
+    let echos_before = snmp_counter(&rig.s, "Icmp", "InEchos").unwrap_or(0);
+    let st0 = rig.daemon.try_stats();
+    rig.daemon.assert_ping(&rig.g, SERVER, 2);
+    let echos_after = snmp_counter(&rig.s, "Icmp", "InEchos").unwrap_or(0);
+    rig.check(
+        echos_after > echos_before,
+        format!(
+            "the ping to {SERVER} was answered but S's kernel saw no echo request \
+             (Icmp InEchos {echos_before} -> {echos_after}): someone else answered"
+        ),
+    );
+    let st1 = rig.daemon.try_stats();
+
+    rig.daemon.assert_no_ping(&rig.g, "10.200.0.77", 1);
+    rig.daemon.assert_no_ping(&rig.g, "10.201.0.5", 1);
+    let st2 = rig.daemon.try_stats();
+    rig.daemon.assert_no_ping(&rig.g, UNROUTED, 1);
+
+    // The stats agree: requests were sent for all three, replies came only from 10.200.0.2.
+    let (st0, st1, st2) = match (st0, st1, st2) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (a, b, c) => rig.fail(format!("stats: {a:?} / {b:?} / {c:?}")),
+    };
+    let g = |v: &Value, k: &str| stat_u64(v, k).unwrap_or(0);
+    let problems: Vec<String> = [
+        (
+            g(&st1, "icmp.echo_requests") >= g(&st0, "icmp.echo_requests") + 2,
+            "echo_requests +2 for the pings to 10.200.0.2",
+        ),
+        (
+            g(&st1, "icmp.echo_replies") >= g(&st0, "icmp.echo_replies") + 2,
+            "echo_replies +2 for the pings to 10.200.0.2",
+        ),
+        (
+            g(&st2, "icmp.echo_requests") >= g(&st1, "icmp.echo_requests") + 2,
+            "echo_requests +2 for the unanswered pings",
+        ),
+        (
+            g(&st2, "icmp.echo_replies") == g(&st1, "icmp.echo_replies"),
+            "no echo_replies for the unanswered pings",
+        ),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, what)| what.to_string())
+    .collect();
+    if !problems.is_empty() {
+        rig.fail(format!(
+            "icmp stats: expected {}\n--- before: {st0}\n--- after 10.200.0.2: {st1}\n--- after unanswered: {st2}",
+            problems.join("; ")
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Malformed frames
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn malformed_frames_are_counted_and_dropped() {
+    let Some(rig) = rig("malformed_frames_are_counted_and_dropped", &[]) else {
+        return;
+    };
+    let text = page_text();
+    let (dir, _file) = temp_file("page.txt", &text);
+    let mut web = rig.httpd(&rig.s, SERVER, 8081, dir.path());
+    // Anything that got through would show up at these servers.
+    let mut udp = rig.tool_server(&rig.s, &["udp-echo", SERVER, "9010"], 'u', 9010);
+    let mut tcp = rig.tool_server(&rig.s, &["tcp-observe", SERVER, "9010"], 't', 9010);
+    let mac = rig.router_mac();
+    let src = rig.lease.ip.to_string();
+    assert_curl(
+        &rig,
+        &format!("http://{SERVER}:8081/page.txt"),
+        &text,
+        &mut web,
+    );
+
+    let (kinds, _) = rig.tool_json(&rig.g, &["kinds"], Duration::from_secs(10));
+    let kinds: Vec<String> = kinds
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(!kinds.is_empty(), "nettool lists no malformation kinds");
+
+    let mut uncounted = Vec::new();
+    let mut report = Vec::new();
+    for kind in &kinds {
+        let before = rig.daemon.stats();
+        let drops = |v: &Value| stat_drops(v).values().sum::<u64>();
+        let b = drops(&before);
+        rig.tool_json(
+            &rig.g,
+            &["craft", "tap0", &mac, &src, SERVER, "9010", kind],
+            Duration::from_secs(10),
+        );
+        let mut after = before.clone();
+        let rose = poll_until(Duration::from_secs(3), || {
+            after = rig.daemon.stats();
+            drops(&after) > b
+        });
+        let (lb, la) = (stat_leaves(&before), stat_leaves(&after));
+        let deltas: Vec<String> = la
+            .iter()
+            .filter(|(k, v)| lb.get(*k).copied().unwrap_or(0) != **v && !k.contains("bytes"))
+            .map(|(k, v)| format!("{k} +{}", v.saturating_sub(lb.get(k).copied().unwrap_or(0))))
+            .collect();
+        report.push(format!(
+            "{kind}: {}",
+            if deltas.is_empty() {
+                "no counter moved".to_string()
+            } else {
+                deltas.join(", ")
+            }
+        ));
+        if !rose {
+            uncounted.push(kind.clone());
+        }
+    }
+    note(format!(
+        "malformed frames -> counters that moved:\n  {}",
+        report.join("\n  ")
+    ));
+
+    // The daemon survived and still serves.
+    let mut d = rig.daemon.pid();
+    rig.check(
+        d.take()
+            .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()),
+        "the daemon died on malformed frames",
+    );
+    assert_curl(
+        &rig,
+        &format!("http://{SERVER}:8081/page.txt"),
+        &text,
+        &mut web,
+    );
+
+    let leaked_udp = json_lines(&udp.stdout());
+    let leaked_tcp = json_lines(&tcp.stdout());
+    let mut problems = Vec::new();
+    if !uncounted.is_empty() {
+        problems.push(format!(
+            "these malformed frames raised no drop counter: {uncounted:?}"
+        ));
+    }
+    if !leaked_udp.is_empty() || !leaked_tcp.is_empty() {
+        problems.push(format!(
+            "malformed packets reached the server namespace: udp {leaked_udp:?} tcp {leaked_tcp:?}\n{}\n{}",
+            udp.describe(),
+            tcp.describe()
+        ));
+    }
+    if !problems.is_empty() {
+        rig.fail(format!(
+            "{}\n--- per kind:\n  {}",
+            problems.join("\n"),
+            report.join("\n  ")
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. --no-host-loopback
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn no_host_loopback_refuses_the_host_address() {
+    let Some(rig) = rig(
+        "no_host_loopback_refuses_the_host_address",
+        &["--no-host-loopback"],
+    ) else {
+        return;
+    };
+    let text = page_text();
+    let (dir, _file) = temp_file("page.txt", &text);
+    let mut on_d = rig.httpd(&rig.d, "127.0.0.1", 8080, dir.path());
+    let mut on_s = rig.httpd(&rig.s, SERVER, 8081, dir.path());
+    let mut udp_d = rig.tool_server(&rig.d, &["udp-echo", "127.0.0.1", "9009"], 'u', 9009);
+
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["connect", HOST, "8080", "10"],
+        Duration::from_secs(20),
+    );
+    let elapsed = f(&v, "elapsed");
+    if s(&v, "result") != "refused" || !(elapsed < 1.0) {
+        rig.fail(format!(
+            "with --no-host-loopback, connecting to {HOST}:8080 (a server on D's loopback) must be \
+             refused at once; got {} after {elapsed:.3} s\n{}\n{}",
+            s(&v, "result"),
+            out.describe(),
+            on_d.describe()
+        ));
+    }
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["udp-refused", HOST, "9009"],
+        Duration::from_secs(20),
+    );
+    if s(&v, "result") != "refused" {
+        rig.fail(format!(
+            "with --no-host-loopback, UDP to {HOST}:9009 must get ICMP port unreachable \
+             (ECONNREFUSED); got {}\n{}\n{}",
+            s(&v, "result"),
+            out.describe(),
+            udp_d.describe()
+        ));
+    }
+    rig.check(
+        json_lines(&udp_d.stdout()).is_empty(),
+        format!(
+            "with --no-host-loopback a datagram still reached D's loopback\n{}",
+            udp_d.describe()
+        ),
+    );
+    // Other destinations still work.
+    assert_curl(
+        &rig,
+        &format!("http://{SERVER}:8081/page.txt"),
+        &text,
+        &mut on_s,
+    );
+}
