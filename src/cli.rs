@@ -126,6 +126,17 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", help_heading = "DHCP")]
     pub lease_file: Option<PathBuf>,
 
+    /// Forward a host port into the guest: [HOSTIP:]HOSTPORT[-END]:[GUESTIP:]GUESTPORT[-END][/tcp|/udp]
+    /// (host address default 127.0.0.1, guest default the first DHCP lease). Repeatable.
+    /// Example: -p 2222:22 -p 0.0.0.0:8080:192.168.5.15:80 -p 5353:53/udp
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "SPEC",
+        help_heading = "Port forwarding"
+    )]
+    pub publish: Vec<crate::forward::PortSpec>,
+
     /// Refuse traffic to the host address instead of carrying it to the host's 127.0.0.1
     /// (like slirp4netns --disable-host-loopback). Example: --no-host-loopback
     #[arg(long, help_heading = "Outbound")]

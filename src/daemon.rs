@@ -44,6 +44,8 @@ pub struct Options {
     pub lease_file: Option<PathBuf>,
     /// The NAT's settings (from the plan and the outbound flags).
     pub nat: Option<netstack::nat::NatConfig>,
+    /// Host ports to forward into the guest.
+    pub forwards: Vec<crate::forward::Forward>,
 }
 
 /// The DHCP server for `plan`, with the leases saved in `lease_file` restored.
@@ -74,6 +76,10 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
                 .unwrap_or_else(|| gateway::nat_config(&plan)),
         },
     );
+    let forwarder = crate::forward::Forwarder::new(gw.nat().clone(), gw.leases());
+    for f in &opts.forwards {
+        forwarder.add(*f).await?;
+    }
     let mut created: Vec<PathBuf> = Vec::new();
     let started = start_transports(&switch, &plan, &opts.transports, &mut created).await;
     if let Err(e) = started {

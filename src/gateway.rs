@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use netstack::nat::{Nat, NatConfig};
 use netstack::{Gateway, GatewayConfig, L2Dest, Output, UdpDatagram};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::plan::Plan;
 use crate::switch::{PortRx, PortTx, Switch};
@@ -47,9 +47,15 @@ pub struct GatewayHandle {
     stats: mpsc::Sender<oneshot::Sender<GatewayStats>>,
     lease_file: Option<PathBuf>,
     nat: Nat,
+    leases: watch::Receiver<Vec<dhcp::Lease>>,
 }
 
 impl GatewayHandle {
+    /// The DHCP bindings, updated as they change.
+    pub fn leases(&self) -> watch::Receiver<Vec<dhcp::Lease>> {
+        self.leases.clone()
+    }
+
     /// The gateway's and DHCP server's counters.
     pub async fn stats(&self) -> Option<GatewayStats> {
         let (tx, rx) = oneshot::channel();
@@ -127,8 +133,10 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
     let lease_file = setup.lease_file.clone();
+    let (leases_tx, leases) = watch::channel(setup.dhcp.leases());
     let task = tokio::spawn(run(
         Task {
+            leases: leases_tx,
             gateway,
             dhcp: setup.dhcp,
             lease_file: setup.lease_file,
@@ -146,10 +154,12 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         stats,
         lease_file,
         nat,
+        leases,
     }
 }
 
 struct Task {
+    leases: watch::Sender<Vec<dhcp::Lease>>,
     gateway: Gateway,
     dhcp: dhcp::Server,
     lease_file: Option<PathBuf>,
@@ -189,6 +199,7 @@ async fn run(
             match o {
                 Output::Frame(f) => t.port.send(Bytes::from(f)),
                 Output::Route(r) => t.nat.route(r),
+                Output::Neighbor { ip, mac } => t.nat.learn_neighbor(ip, mac),
                 Output::Udp(d) if d.dst.port() == DHCP_SERVER_PORT => t.serve_dhcp(&d),
                 Output::Udp(_) => {} // no other local UDP service yet
             }
@@ -200,7 +211,7 @@ async fn run(
 
 impl Task {
     fn serve_dhcp(&mut self, d: &UdpDatagram) {
-        let before = self.lease_file.as_ref().map(|_| self.dhcp.leases());
+        let before = self.dhcp.leases();
         let reply = match self.dhcp.handle(&d.payload, SystemTime::now()) {
             Ok(r) => r,
             Err(e) => {
@@ -219,13 +230,14 @@ impl Task {
             let frame = self.gateway.udp_frame(to, src, dst, &reply.payload);
             self.port.send(Bytes::from(frame));
         }
-        if let (Some(path), Some(before)) = (&self.lease_file, before) {
-            let now = self.dhcp.leases();
-            if now != before {
+        let now = self.dhcp.leases();
+        if now != before {
+            if let Some(path) = &self.lease_file {
                 if let Err(e) = dhcp::store::save(path, &now) {
                     tracing::warn!("lease-file {}: {e}", path.display());
                 }
             }
+            self.leases.send_replace(now);
         }
     }
 }

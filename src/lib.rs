@@ -2,9 +2,11 @@
 //! wiring: the network plan and its config sources, the frame transports, the L2 switch and the
 //! gateway port that connects them to `netstack` and `dhcp`. `main.rs` only parses and calls.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod forward;
 pub mod gateway;
 pub mod plan;
 pub mod stats;

@@ -41,6 +41,11 @@ fn main() -> ExitCode {
         transports,
         lease_file: cli.lease_file.clone(),
         nat: Some(nat),
+        forwards: cli
+            .publish
+            .iter()
+            .flat_map(|p| p.0.iter().copied())
+            .collect(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

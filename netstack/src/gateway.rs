@@ -121,6 +121,13 @@ pub enum Output {
     Udp(UdpDatagram),
     /// A packet to route out (NAT).
     Route(Routed),
+    /// A guest address was seen at a MAC for the first time (or at a new MAC).
+    Neighbor {
+        /// The guest's address.
+        ip: Ipv4Addr,
+        /// Its MAC.
+        mac: MacAddr,
+    },
 }
 
 /// The gateway state machine (see the module docs).
@@ -218,7 +225,12 @@ impl Gateway {
             self.counters.drop_bad_source += 1;
             return;
         }
-        self.neighbors.learn(req.sender_ip, req.sender_mac, now);
+        if self.neighbors.learn(req.sender_ip, req.sender_mac, now) {
+            out.push(Output::Neighbor {
+                ip: req.sender_ip,
+                mac: req.sender_mac,
+            });
+        }
         if req.op == ArpOperation::Request && self.config.owns(req.target_ip) {
             self.counters.arp_replies += 1;
             out.push(Output::Frame(arp::reply(&req, self.config.mac)));
@@ -251,7 +263,12 @@ impl Gateway {
             self.counters.drop_bad_source += 1;
             return;
         }
-        self.neighbors.learn(src, src_mac, now);
+        if self.neighbors.learn(src, src_mac, now) {
+            out.push(Output::Neighbor {
+                ip: src,
+                mac: src_mac,
+            });
+        }
         let broadcast = dst.is_broadcast() || dst == self.config.broadcast();
         let local = dst == self.config.dns_ip;
         if broadcast || dst.is_multicast() {

@@ -18,18 +18,21 @@ pub(crate) struct Neighbors {
 }
 
 impl Neighbors {
-    pub(crate) fn learn(&mut self, ip: Ipv4Addr, mac: MacAddr, now: Instant) {
+    /// Remember `ip` at `mac`; true when that is news (a new address or a changed MAC).
+    pub(crate) fn learn(&mut self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> bool {
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-            return;
+            return false;
         }
         if self.table.len() >= MAX_ENTRIES && !self.table.contains_key(&ip) {
             self.table
                 .retain(|_, (_, seen)| now.duration_since(*seen) < MAX_AGE);
             if self.table.len() >= MAX_ENTRIES {
-                return;
+                return false;
             }
         }
-        self.table.insert(ip, (mac, now));
+        self.table
+            .insert(ip, (mac, now))
+            .is_none_or(|(old, _)| old != mac)
     }
 
     pub(crate) fn lookup(&self, ip: Ipv4Addr, now: Instant) -> Option<MacAddr> {

@@ -178,6 +178,11 @@ fn hands_dhcp_broadcasts_to_the_caller() {
     }
 }
 
+/// Nothing sent, delivered or routed (learning a neighbour is not an answer).
+fn quiet(out: &[Output]) -> bool {
+    out.iter().all(|o| matches!(o, Output::Neighbor { .. }))
+}
+
 /// A tiny deterministic PRNG so the fuzz cases are the same on every run.
 struct XorShift(u64);
 impl XorShift {
@@ -239,13 +244,13 @@ fn bad_checksums_and_lying_lengths_are_dropped_and_counted() {
     bad_ip_sum[14 + 10] ^= 0xff;
     let mut out = Vec::new();
     gw.receive(&bad_ip_sum, now, &mut out);
-    assert!(out.is_empty());
+    assert!(quiet(&out));
     assert_eq!(gw.counters().drop_bad_ipv4_checksum, 1);
 
     let mut bad_icmp_sum = good.clone();
     bad_icmp_sum[14 + 20 + 2] ^= 0xff;
     gw.receive(&bad_icmp_sum, now, &mut out);
-    assert!(out.is_empty());
+    assert!(quiet(&out));
     assert_eq!(gw.counters().drop_malformed_icmp, 1);
 
     // IPv4 total length larger than the frame (checksum fixed up so only the length lies).
@@ -261,7 +266,7 @@ fn bad_checksums_and_lying_lengths_are_dropped_and_counted() {
     let mut ihl = good.clone();
     Ipv4Packet::new_unchecked(&mut ihl[14..]).set_header_len(60);
     gw.receive(&ihl, now, &mut out);
-    assert!(out.is_empty());
+    assert!(quiet(&out));
     assert_eq!(gw.counters().drop_malformed_ipv4, 2);
 
     // UDP length field lying upwards.
@@ -274,7 +279,7 @@ fn bad_checksums_and_lying_lengths_are_dropped_and_counted() {
     );
     udp[14 + 20 + 4] = 0x10;
     gw.receive(&udp, now, &mut out);
-    assert!(out.is_empty());
+    assert!(quiet(&out));
     assert_eq!(gw.counters().drop_malformed_udp, 1);
 
     // A fragment.

@@ -6,6 +6,7 @@
 //! key to the task's inbox, so the cost of a packet does not grow with the number of flows.
 //! Frames towards guests leave through the [`Uplink`]. Needs a tokio runtime.
 
+mod forward;
 mod icmp;
 mod tcp;
 mod udp;
@@ -239,7 +240,14 @@ pub(crate) struct Shared {
     pub(crate) tcp_flows: Mutex<HashMap<tcp::Key, (u64, tokio::sync::mpsc::Sender<Bytes>)>>,
     pub(crate) udp_flows: Mutex<HashMap<udp::Key, udp::FlowHandle>>,
     pub(crate) icmp: icmp::Pinger,
+    /// Forwarded UDP flows: the guest-side key -> the host client and its forward's inbox.
+    pub(crate) udp_inbound: Mutex<HashMap<udp::Key, InboundUdp>>,
+    /// Which MAC each guest address was last seen at.
+    pub(crate) neighbors: Mutex<HashMap<Ipv4Addr, MacAddr>>,
 }
+
+/// A forwarded UDP flow's way back to its host client.
+pub(crate) type InboundUdp = (SocketAddr, tokio::sync::mpsc::Sender<(SocketAddr, Bytes)>);
 
 impl Shared {
     /// Where `dst` (a guest's destination) is on the host side.
@@ -277,6 +285,21 @@ impl Shared {
         }
     }
 
+    /// The MAC a guest address was last seen at.
+    pub(crate) fn neighbor(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+        self.neighbors.lock().unwrap().get(&ip).copied()
+    }
+
+    fn learn(&self, ip: Ipv4Addr, mac: MacAddr) {
+        let mut n = self.neighbors.lock().unwrap();
+        if n.get(&ip) != Some(&mac) {
+            if n.len() >= 4096 {
+                n.clear();
+            }
+            n.insert(ip, mac);
+        }
+    }
+
     /// The local address to bind outgoing sockets to, if any.
     pub(crate) fn bind_addr(&self, target: Ipv4Addr) -> Option<SocketAddr> {
         match self.config.outbound_addr {
@@ -306,12 +329,23 @@ impl Nat {
                 icmp_counters: IcmpCounters::default(),
                 tcp_flows: Mutex::new(HashMap::new()),
                 udp_flows: Mutex::new(HashMap::new()),
+                udp_inbound: Mutex::new(HashMap::new()),
+                neighbors: Mutex::new(HashMap::new()),
             }),
         }
     }
 
     /// Route one packet from a guest. Must be called inside a tokio runtime.
     pub fn route(&self, packet: Routed) {
+        let (ip, mac) = match &packet {
+            Routed::Tcp { src_mac, packet } => (
+                Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+                *src_mac,
+            ),
+            Routed::Udp { src_mac, src, .. } => (*src.ip(), *src_mac),
+            Routed::Icmp { src_mac, src, .. } => (*src, *src_mac),
+        };
+        self.shared.learn(ip, mac);
         match packet {
             Routed::Tcp { src_mac, packet } => {
                 tcp::route(&self.shared, src_mac, Bytes::from(packet))
@@ -331,6 +365,43 @@ impl Nat {
                 message,
             } => icmp::route(&self.shared, src_mac, src, dst, ttl, Bytes::from(message)),
         }
+    }
+
+    /// Remember that guest `ip` is at `mac` (from ARP, DHCP, routed packets); forwarded
+    /// connections into the guest need it.
+    pub fn learn_neighbor(&self, ip: Ipv4Addr, mac: MacAddr) {
+        self.shared.learn(ip, mac);
+    }
+
+    /// The MAC guest `ip` was last seen at.
+    pub fn neighbor(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+        self.shared.neighbor(ip)
+    }
+
+    /// Carry an accepted host TCP connection into the guest at `guest` (port forwarding).
+    /// Returns the stream back when the guest's MAC is not known yet.
+    pub fn forward_tcp(
+        &self,
+        stream: tokio::net::TcpStream,
+        guest: SocketAddrV4,
+    ) -> Result<(), tokio::net::TcpStream> {
+        match self.shared.neighbor(*guest.ip()) {
+            Some(mac) => {
+                tcp::forward_in(&self.shared, stream, guest, mac);
+                Ok(())
+            }
+            None => Err(stream),
+        }
+    }
+
+    /// Serve a bound host UDP socket as a forward into `guest` until the socket fails (abort
+    /// the task to stop it).
+    pub fn forward_udp(
+        &self,
+        socket: tokio::net::UdpSocket,
+        guest: SocketAddrV4,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(forward::serve_udp(Arc::clone(&self.shared), socket, guest))
     }
 
     /// Send a UDP datagram from a local service (e.g. DNS at the DNS address) to a guest,

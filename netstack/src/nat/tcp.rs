@@ -271,7 +271,7 @@ impl Conn {
         };
         FlowCounters::inc(&c.opened);
         FlowCounters::inc(&c.open);
-        if let Err(e) = self.relay(stream, syn, &mut inbox).await {
+        if let Err(e) = self.relay(stream, Opening::Accept(syn), &mut inbox).await {
             tracing::debug!("{} -> {target}: {e}", self.key.guest);
         }
         FlowCounters::dec(&c.open);
@@ -282,13 +282,13 @@ impl Conn {
     async fn relay(
         &self,
         stream: TcpStream,
-        syn: Bytes,
+        opening: Opening,
         inbox: &mut mpsc::Receiver<Bytes>,
     ) -> io::Result<()> {
         let shared = &self.shared;
         let c = &shared.tcp_counters;
         let mut dev = GuestLink {
-            rx: VecDeque::from([syn]),
+            rx: VecDeque::new(),
             shared,
             mac: self.mac,
         };
@@ -310,22 +310,44 @@ impl Conn {
         );
         socket.set_nagle_enabled(false);
         socket.set_keep_alive(Some(KEEPALIVE.into()));
-        socket.set_timeout(Some(GUEST_TIMEOUT.into()));
-        socket
-            .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(*self.key.dst.ip())),
-                port: self.key.dst.port(),
-            })
-            .map_err(|e| io::Error::other(format!("listen: {e}")))?;
+        // Our side of the guest connection is the destination the guest used (outbound) or
+        // the gateway's forwarding port (inbound): `key.dst` either way.
+        let ours = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(*self.key.dst.ip())),
+            port: self.key.dst.port(),
+        };
+        match opening {
+            Opening::Accept(syn) => {
+                socket.set_timeout(Some(GUEST_TIMEOUT.into()));
+                socket
+                    .listen(ours)
+                    .map_err(|e| io::Error::other(format!("listen: {e}")))?;
+                dev.rx.push_back(syn);
+            }
+            Opening::Connect => {
+                // Until the guest answers: a guest that never does must not hold the host
+                // client for long.
+                socket.set_timeout(Some(shared.config.tcp_connect_timeout.into()));
+                let remote = (IpAddress::Ipv4(*self.key.guest.ip()), self.key.guest.port());
+                socket
+                    .connect(iface.context(), remote, ours)
+                    .map_err(|e| io::Error::other(format!("connect: {e}")))?;
+            }
+        }
         let mut storage = [smoltcp::iface::SocketStorage::EMPTY];
         let mut sockets = SocketSet::new(&mut storage[..]);
         let handle = sockets.add(socket);
+        let mut established = false;
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
         loop {
             iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
             let sock = sockets.get_mut::<tcp::Socket>(handle);
+            if !established && sock.state() == tcp::State::Established {
+                established = true;
+                sock.set_timeout(Some(GUEST_TIMEOUT.into()));
+            }
             let mut moved = false;
             // Guest -> host.
             while host_write_open && sock.can_recv() {
@@ -428,6 +450,72 @@ impl Conn {
             }
         }
     }
+}
+
+/// How the guest side of a connection starts.
+enum Opening {
+    /// The guest connected out: feed smoltcp the guest's SYN (held until the host connected).
+    Accept(Bytes),
+    /// A host client connected to a forwarded port: smoltcp connects into the guest.
+    Connect,
+}
+
+/// Ports of the gateway (host address) that forwarded connections into guests come from.
+const FORWARD_PORTS: std::ops::Range<u16> = 40000..61000;
+static NEXT_FORWARD_PORT: std::sync::atomic::AtomicU16 =
+    std::sync::atomic::AtomicU16::new(FORWARD_PORTS.start);
+
+/// Carry an accepted host connection into the guest at `guest` (at `mac`): a connection from
+/// the gateway's host address. Refused by the guest: the host side is closed at once.
+pub(crate) fn forward_in(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    guest: SocketAddrV4,
+    mac: MacAddr,
+) {
+    let c = &shared.tcp_counters;
+    let mut flows = shared.tcp_flows.lock().unwrap();
+    let mut key = None;
+    for _ in 0..FORWARD_PORTS.len() {
+        let mut port = NEXT_FORWARD_PORT.fetch_add(1, Ordering::Relaxed);
+        if !FORWARD_PORTS.contains(&port) {
+            NEXT_FORWARD_PORT.store(FORWARD_PORTS.start + 1, Ordering::Relaxed);
+            port = FORWARD_PORTS.start;
+        }
+        let k = Key {
+            guest,
+            dst: SocketAddrV4::new(shared.config.host_ip, port),
+        };
+        if !flows.contains_key(&k) {
+            key = Some(k);
+            break;
+        }
+    }
+    let Some(key) = key else {
+        FlowCounters::inc(&c.drop_limit);
+        tracing::warn!("no free gateway port to forward a connection to {guest}");
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel(INBOX);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    flows.insert(key, (id, tx));
+    drop(flows);
+    let _ = stream.set_nodelay(true);
+    let conn = Conn {
+        shared: Arc::clone(shared),
+        key,
+        id,
+        mac,
+    };
+    FlowCounters::inc(&c.opened);
+    FlowCounters::inc(&c.open);
+    tokio::spawn(async move {
+        if let Err(e) = conn.relay(stream, Opening::Connect, &mut rx).await {
+            tracing::debug!("forward to {guest}: {e}");
+        }
+        FlowCounters::dec(&conn.shared.tcp_counters.open);
+        FlowCounters::inc(&conn.shared.tcp_counters.closed);
+    });
 }
 
 /// A per-connection random seed for smoltcp (initial sequence numbers, ports).

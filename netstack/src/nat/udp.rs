@@ -75,6 +75,10 @@ pub(crate) fn route(
         FlowCounters::inc(&c.drop_malformed);
         return;
     }
+    let key = Key { guest: src, dst };
+    let Some(payload) = super::forward::deliver_reply(shared, &key, payload) else {
+        return; // an answer to a forwarded flow
+    };
     let orig = |kind: IcmpError, from: Ipv4Addr| {
         let head = udp_head(src, dst, payload.len());
         shared.uplink.send_icmp_error(
@@ -90,7 +94,6 @@ pub(crate) fn route(
         orig(IcmpError::TtlExceeded, shared.config.host_ip);
         return;
     }
-    let key = Key { guest: src, dst };
     let datagram = Datagram {
         ttl,
         payload: payload.clone(),
