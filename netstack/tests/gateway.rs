@@ -291,7 +291,7 @@ fn bad_checksums_and_lying_lengths_are_dropped_and_counted() {
     }
     gw.receive(&frag, now, &mut out);
     assert!(
-        out.is_empty(),
+        quiet(&out),
         "a lone first fragment is held for reassembly, not answered"
     );
     assert_eq!(gw.fragment_counters().fragments_in, 1);
