@@ -16,7 +16,18 @@ use criterion::{criterion_group, Criterion, Throughput};
 
 /// Data segments per measured iteration.
 const BATCH: usize = 2000;
+/// The idle counts, in this order; `TCP_PATH_IDLE=10000,10` to change (order, subset).
 const IDLE: [usize; 2] = [10, 10_000];
+
+fn idle_counts() -> Vec<usize> {
+    match std::env::var("TCP_PATH_IDLE") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| n.trim().parse().expect("TCP_PATH_IDLE: numbers"))
+            .collect(),
+        Err(_) => IDLE.to_vec(),
+    }
+}
 
 struct Rig {
     guest: Guest,
@@ -49,7 +60,8 @@ async fn rig(idle: usize) -> Rig {
 
 fn tcp_frames(c: &mut Criterion) {
     // This process holds the NAT's host sockets; the accepted ends are in the host-side child.
-    let want = IDLE.iter().max().unwrap() + 1024;
+    let counts = idle_counts();
+    let want = counts.iter().max().unwrap() + 1024;
     let (soft, hard) = common::raise_nofile(want as u64);
     eprintln!("tcp_path: RLIMIT_NOFILE {soft}/{hard} (want {want})");
     assert!(
@@ -67,7 +79,7 @@ fn tcp_frames(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(3))
         .measurement_time(Duration::from_secs(10))
         .throughput(Throughput::Elements(BATCH as u64));
-    for idle in IDLE {
+    for idle in counts {
         let mut rig = rt.block_on(rig(idle));
         let before = rig.guest.counters;
         let stats_before = rig.guest.nat.stats().tcp;

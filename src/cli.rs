@@ -126,6 +126,22 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", help_heading = "DHCP")]
     pub lease_file: Option<PathBuf>,
 
+    /// Serve the gvproxy-compatible HTTP API on this unix socket (mode 0600): leases,
+    /// forwards, DNS names, stats, wait_port. Example: --api /tmp/usernet-api.sock
+    #[arg(long, value_name = "PATH", help_heading = "Control")]
+    pub api: Option<PathBuf>,
+    /// Write every frame through the switch to this pcap file (readable while running).
+    /// Example: --pcap /tmp/usernet.pcap
+    #[arg(long, value_name = "FILE", help_heading = "Control")]
+    pub pcap: Option<PathBuf>,
+    /// Write the daemon's pid here once serving; removed at exit. Example: --pid-file /tmp/usernet.pid
+    #[arg(long, value_name = "FILE", help_heading = "Control")]
+    pub pid_file: Option<PathBuf>,
+    /// Write one byte to this inherited fd once serving, then close it (as slirp4netns
+    /// --ready-fd). Example: --ready-fd 3
+    #[arg(long, value_name = "N", help_heading = "Control")]
+    pub ready_fd: Option<RawFd>,
+
     /// Forward a host port into the guest: [HOSTIP:]HOSTPORT[-END]:[GUESTIP:]GUESTPORT[-END][/tcp|/udp]
     /// (host address default 127.0.0.1, guest default the first DHCP lease). Repeatable.
     /// Example: -p 2222:22 -p 0.0.0.0:8080:192.168.5.15:80 -p 5353:53/udp

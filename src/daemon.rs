@@ -4,6 +4,7 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -46,6 +47,34 @@ pub struct Options {
     pub nat: Option<netstack::nat::NatConfig>,
     /// Host ports to forward into the guest.
     pub forwards: Vec<crate::forward::Forward>,
+    /// `--api`
+    pub api: Option<PathBuf>,
+    /// `--pcap`
+    pub pcap: Option<PathBuf>,
+    /// `--pid-file`
+    pub pid_file: Option<PathBuf>,
+    /// `--ready-fd`
+    pub ready_fd: Option<std::os::fd::RawFd>,
+}
+
+/// Everything besides the plan that the flags ask for.
+pub fn options_from(cli: &Cli, plan: &Plan) -> Options {
+    let mut nat = gateway::nat_config(plan);
+    cli.apply_nat(&mut nat);
+    Options {
+        transports: cli.transports(),
+        lease_file: cli.lease_file.clone(),
+        nat: Some(nat),
+        forwards: cli
+            .publish
+            .iter()
+            .flat_map(|p| p.0.iter().copied())
+            .collect(),
+        api: cli.api.clone(),
+        pcap: cli.pcap.clone(),
+        pid_file: cli.pid_file.clone(),
+        ready_fd: cli.ready_fd,
+    }
 }
 
 /// The DHCP server for `plan`, with the leases saved in `lease_file` restored.
@@ -64,6 +93,9 @@ pub fn dhcp_server(
 /// Run the network until SIGTERM or SIGINT.
 pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Result<()> {
     let switch = Switch::new(plan.mtu);
+    if let Some(path) = &opts.pcap {
+        switch.capture_to(crate::pcap::Capture::start(path)?);
+    }
     let gw = gateway::start(
         &switch,
         &plan,
@@ -78,13 +110,44 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
     );
     let forwarder = crate::forward::Forwarder::new(gw.nat().clone(), gw.leases());
     for f in &opts.forwards {
-        forwarder.add(*f).await?;
+        forwarder.add(*f)?;
     }
     let mut created: Vec<PathBuf> = Vec::new();
     let started = start_transports(&switch, &plan, &opts.transports, &mut created).await;
     if let Err(e) = started {
         remove_all(&created);
         return Err(e);
+    }
+    if let Some(path) = &opts.api {
+        let listener = match crate::api::bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                remove_all(&created);
+                return Err(e.context(format!("api {}", path.display())));
+            }
+        };
+        created.push(path.clone());
+        let control = Arc::new(crate::control::Control {
+            switch: Arc::clone(&switch),
+            gateway: gw.probe(),
+            leases: gw.leases(),
+            forwarder: Arc::clone(&forwarder),
+            zones: Default::default(),
+            on_zone: Box::new(|_| {}),
+        });
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(listener, control).await {
+                tracing::warn!("api: {e}");
+            }
+        });
+    }
+    if let Some(path) = &opts.pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("pid-file {}", path.display()))?;
+        created.push(path.clone());
+    }
+    if let Some(fd) = opts.ready_fd {
+        signal_ready(fd);
     }
     tracing::info!(
         "usernet serving {} (host {}, dns {}, first guest {}, mtu {})",
@@ -128,6 +191,21 @@ async fn start_transports(
     Ok(())
 }
 
+/// Tell the parent we are serving: one byte on its fd, then close it.
+fn signal_ready(fd: std::os::fd::RawFd) {
+    // SAFETY: F_GETFD only asks whether the number is an open fd.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        tracing::warn!("ready-fd {fd} is not open");
+        return;
+    }
+    // SAFETY: the fd is open and was handed to us to own (`--ready-fd N`).
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    use std::io::Write;
+    if let Err(e) = file.write_all(b"1") {
+        tracing::warn!("ready-fd {fd}: {e}");
+    }
+}
+
 fn remove_all(paths: &[PathBuf]) {
     for p in paths {
         let _ = std::fs::remove_file(p);
@@ -146,7 +224,7 @@ async fn wait_for_stop(switch: &Switch, gw: &gateway::GatewayHandle) -> anyhow::
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = usr1.recv() => {
-                let stats = crate::stats::collect(switch, gw).await;
+                let stats = crate::stats::collect(switch, &gw.probe()).await;
                 eprintln!("usernet stats: {stats}");
             }
         }

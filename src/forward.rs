@@ -159,8 +159,11 @@ pub enum ForwardError {
 pub struct Forwarder {
     nat: Nat,
     leases: watch::Receiver<Vec<dhcp::Lease>>,
-    active: Mutex<BTreeMap<(Proto, SocketAddr), (Forward, JoinHandle<()>)>>,
+    active: Mutex<BTreeMap<ForwardKey, (Forward, JoinHandle<()>)>>,
 }
+
+/// Forwards are told apart by protocol and host address.
+type ForwardKey = (Proto, SocketAddr);
 
 impl Forwarder {
     /// Forwards through `nat`; `leases` tells the default guest.
@@ -172,8 +175,8 @@ impl Forwarder {
         })
     }
 
-    /// Start forwarding `f` (binds now).
-    pub async fn add(self: &Arc<Self>, f: Forward) -> Result<(), ForwardError> {
+    /// Start forwarding `f` (binds now; call inside the runtime).
+    pub fn add(self: &Arc<Self>, f: Forward) -> Result<(), ForwardError> {
         let key = (f.proto, f.host);
         if self.active.lock().unwrap().contains_key(&key) {
             return Err(ForwardError::Exists {
@@ -186,15 +189,20 @@ impl Forwarder {
             proto: f.proto,
             source,
         };
+        let me = Arc::clone(self);
         let task = match f.proto {
             Proto::Tcp => {
-                let listener = TcpListener::bind(f.host).await.map_err(bind_err)?;
-                let me = Arc::clone(self);
+                let listener = std::net::TcpListener::bind(f.host)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(TcpListener::from_std)
+                    .map_err(bind_err)?;
                 tokio::spawn(async move { me.serve_tcp(listener, f).await })
             }
             Proto::Udp => {
-                let socket = UdpSocket::bind(f.host).await.map_err(bind_err)?;
-                let me = Arc::clone(self);
+                let socket = std::net::UdpSocket::bind(f.host)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .and_then(UdpSocket::from_std)
+                    .map_err(bind_err)?;
                 tokio::spawn(async move { me.serve_udp(socket, f).await })
             }
         };

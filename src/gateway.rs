@@ -50,12 +50,14 @@ pub struct GatewayHandle {
     leases: watch::Receiver<Vec<dhcp::Lease>>,
 }
 
-impl GatewayHandle {
-    /// The DHCP bindings, updated as they change.
-    pub fn leases(&self) -> watch::Receiver<Vec<dhcp::Lease>> {
-        self.leases.clone()
-    }
+/// A cloneable handle for asking the gateway task what it counted.
+#[derive(Clone)]
+pub struct GatewayProbe {
+    stats: mpsc::Sender<oneshot::Sender<GatewayStats>>,
+    nat: Nat,
+}
 
+impl GatewayProbe {
     /// The gateway's and DHCP server's counters.
     pub async fn stats(&self) -> Option<GatewayStats> {
         let (tx, rx) = oneshot::channel();
@@ -63,7 +65,27 @@ impl GatewayHandle {
         rx.await.ok()
     }
 
-    /// The NAT (for its counters).
+    /// The NAT.
+    pub fn nat(&self) -> &Nat {
+        &self.nat
+    }
+}
+
+impl GatewayHandle {
+    /// A cloneable handle on the counters.
+    pub fn probe(&self) -> GatewayProbe {
+        GatewayProbe {
+            stats: self.stats.clone(),
+            nat: self.nat.clone(),
+        }
+    }
+
+    /// The DHCP bindings, updated as they change.
+    pub fn leases(&self) -> watch::Receiver<Vec<dhcp::Lease>> {
+        self.leases.clone()
+    }
+
+    /// The NAT.
     pub fn nat(&self) -> &Nat {
         &self.nat
     }
@@ -236,6 +258,10 @@ impl Task {
                 if let Err(e) = dhcp::store::save(path, &now) {
                     tracing::warn!("lease-file {}: {e}", path.display());
                 }
+            }
+            // A guest that only did DHCP is reachable for forwarded connections too.
+            for l in &now {
+                self.nat.learn_neighbor(l.ip, l.mac.0);
             }
             self.leases.send_replace(now);
         }

@@ -5,9 +5,11 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod forward;
 pub mod gateway;
+pub mod pcap;
 pub mod plan;
 pub mod stats;
 pub mod switch;

@@ -27,26 +27,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let transports = cli.transports();
-    if transports.is_empty() {
+    if cli.transports().is_empty() {
         eprintln!(
             "usernet: no transport given, so no VM can attach.\n\n{}",
             Cli::attach_help()
         );
         return ExitCode::from(2);
     }
-    let mut nat = usernet::gateway::nat_config(&plan);
-    cli.apply_nat(&mut nat);
-    let opts = daemon::Options {
-        transports,
-        lease_file: cli.lease_file.clone(),
-        nat: Some(nat),
-        forwards: cli
-            .publish
-            .iter()
-            .flat_map(|p| p.0.iter().copied())
-            .collect(),
-    };
+    let opts = daemon::options_from(&cli, &plan);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -5,11 +5,11 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{json, Value};
 
-use crate::gateway::GatewayHandle;
+use crate::gateway::GatewayProbe;
 use crate::switch::Switch;
 
 /// Everything counted so far.
-pub async fn collect(switch: &Switch, gw: &GatewayHandle) -> Value {
+pub async fn collect(switch: &Switch, gw: &GatewayProbe) -> Value {
     let c = switch.counters();
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let nat = gw.nat().stats();
@@ -19,6 +19,8 @@ pub async fn collect(switch: &Switch, gw: &GatewayHandle) -> Value {
             "frames_in": g(&c.frames_in),
             "frames_out": g(&c.frames_out),
             "bytes_in": g(&c.bytes_in),
+            "bytes_out": g(&c.bytes_out),
+            "pcap_dropped": switch.capture_dropped(),
             "drop_runt": g(&c.drop_runt),
             "drop_oversize": g(&c.drop_oversize),
             "drop_unknown_unicast": g(&c.drop_unknown_unicast),

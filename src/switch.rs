@@ -35,6 +35,8 @@ pub struct SwitchCounters {
     pub frames_out: AtomicU64,
     /// Bytes accepted from ports.
     pub bytes_in: AtomicU64,
+    /// Bytes queued towards ports (a broadcast counts once per port).
+    pub bytes_out: AtomicU64,
     /// Frames shorter than an Ethernet header.
     pub drop_runt: AtomicU64,
     /// Frames longer than MTU + 14.
@@ -77,6 +79,7 @@ pub struct Switch {
     state: Mutex<State>,
     max_frame: usize,
     counters: SwitchCounters,
+    capture: std::sync::OnceLock<crate::pcap::Capture>,
 }
 
 /// A port's receiving end: the frames the switch sends to this port. Dropping it (and its
@@ -100,7 +103,18 @@ impl Switch {
             state: Mutex::new(State::default()),
             max_frame: usize::from(mtu) + 14,
             counters: SwitchCounters::default(),
+            capture: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Record every frame that enters the switch from now on (`--pcap`); once only.
+    pub fn capture_to(&self, capture: crate::pcap::Capture) {
+        let _ = self.capture.set(capture);
+    }
+
+    /// Frames the capture lost, if capturing.
+    pub fn capture_dropped(&self) -> Option<u64> {
+        self.capture.get().map(|c| c.dropped())
     }
 
     /// The largest frame accepted (MTU + Ethernet header).
@@ -178,6 +192,9 @@ impl Switch {
         }
         SwitchCounters::bump(&c.frames_in);
         c.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if let Some(capture) = self.capture.get() {
+            capture.record(&frame);
+        }
         let mut st = self.state.lock().unwrap();
         match st.macs.get_mut(&src) {
             Some(entry) if entry.0 == from => {
@@ -217,8 +234,12 @@ impl Switch {
     }
 
     fn enqueue(c: &SwitchCounters, port: &Port, frame: Bytes) {
+        let len = frame.len() as u64;
         match port.tx.try_send(frame) {
-            Ok(()) => SwitchCounters::bump(&c.frames_out),
+            Ok(()) => {
+                SwitchCounters::bump(&c.frames_out);
+                c.bytes_out.fetch_add(len, Ordering::Relaxed);
+            }
             Err(_) => SwitchCounters::bump(&c.drop_queue_full),
         }
     }

@@ -163,10 +163,10 @@ pub fn maybe_host_process() {
     std::process::exit(0);
 }
 
-async fn next(accepted: &mut mpsc::UnboundedReceiver<TcpStream>) -> TcpStream {
+async fn next(accepted: &mut mpsc::UnboundedReceiver<TcpStream>, have: usize) -> TcpStream {
     tokio::time::timeout(Duration::from_secs(60), accepted.recv())
         .await
-        .expect("host side: accept timed out")
+        .unwrap_or_else(|_| panic!("host side: accept timed out with {have} accepted"))
         .unwrap()
 }
 
@@ -203,11 +203,11 @@ async fn host_process() {
         match (words.next(), words.next()) {
             (Some("idle"), Some(n)) => {
                 for _ in 0..n.parse::<usize>().expect("idle N") {
-                    idle.push(next(&mut accepted).await);
+                    idle.push(next(&mut accepted, idle.len()).await);
                 }
             }
             (Some("discard"), None) => {
-                let mut s = next(&mut accepted).await;
+                let mut s = next(&mut accepted, idle.len()).await;
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 256 * 1024];
                     while let Ok(n) = s.read(&mut buf).await {

@@ -394,6 +394,16 @@ impl Nat {
         }
     }
 
+    /// Does the guest at `guest` accept TCP connections there (Lima's wait_port)? Connects
+    /// from the gateway and resets once established; false on refusal, an unknown guest, or
+    /// when `timeout` runs out.
+    pub async fn probe_tcp(&self, guest: SocketAddrV4, timeout: Duration) -> bool {
+        match self.shared.neighbor(*guest.ip()) {
+            Some(mac) => tcp::probe(&self.shared, guest, mac, timeout).await,
+            None => false,
+        }
+    }
+
     /// Serve a bound host UDP socket as a forward into `guest` until the socket fails (abort
     /// the task to stop it).
     pub fn forward_udp(

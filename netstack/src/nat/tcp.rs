@@ -292,30 +292,11 @@ impl Conn {
             shared,
             mac: self.mac,
         };
-        let mut config = Config::new(HardwareAddress::Ip);
-        config.random_seed = seed(&self.key);
-        let now = smoltcp::time::Instant::now();
-        let mut iface = Interface::new(config, &mut dev, now);
-        iface.set_any_ip(true);
-        iface.update_ip_addrs(|a| {
-            let _ = a.push(IpCidr::new(
-                IpAddress::Ipv4(shared.config.host_ip),
-                shared.config.prefix,
-            ));
-        });
-        let size = shared.config.tcp_buffer;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; size]),
-            tcp::SocketBuffer::new(vec![0; size]),
-        );
-        socket.set_nagle_enabled(false);
-        socket.set_keep_alive(Some(KEEPALIVE.into()));
+        let mut iface = guest_interface(shared, &self.key, &mut dev);
+        let mut socket = guest_socket(shared.config.tcp_buffer);
         // Our side of the guest connection is the destination the guest used (outbound) or
         // the gateway's forwarding port (inbound): `key.dst` either way.
-        let ours = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(*self.key.dst.ip())),
-            port: self.key.dst.port(),
-        };
+        let ours = endpoint(self.key.dst);
         match opening {
             Opening::Accept(syn) => {
                 socket.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -334,8 +315,7 @@ impl Conn {
                     .map_err(|e| io::Error::other(format!("connect: {e}")))?;
             }
         }
-        let mut storage = [smoltcp::iface::SocketStorage::EMPTY];
-        let mut sockets = SocketSet::new(&mut storage[..]);
+        let mut sockets = SocketSet::new(Vec::new());
         let handle = sockets.add(socket);
         let mut established = false;
 
@@ -452,6 +432,125 @@ impl Conn {
     }
 }
 
+/// The smoltcp interface of one connection: IP medium, any-IP, on the subnet.
+fn guest_interface(shared: &Shared, key: &Key, dev: &mut GuestLink<'_>) -> Interface {
+    let mut config = Config::new(HardwareAddress::Ip);
+    config.random_seed = seed(key);
+    let mut iface = Interface::new(config, dev, smoltcp::time::Instant::now());
+    iface.set_any_ip(true);
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(
+            IpAddress::Ipv4(shared.config.host_ip),
+            shared.config.prefix,
+        ));
+    });
+    iface
+}
+
+/// A guest-side TCP socket with `size`-byte buffers each way.
+fn guest_socket(size: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; size]),
+        tcp::SocketBuffer::new(vec![0; size]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_keep_alive(Some(KEEPALIVE.into()));
+    socket
+}
+
+fn endpoint(a: SocketAddrV4) -> IpListenEndpoint {
+    IpListenEndpoint {
+        addr: Some(IpAddress::Ipv4(*a.ip())),
+        port: a.port(),
+    }
+}
+
+/// Reserve a gateway port for a connection into `guest` and register its inbox.
+fn reserve_inbound(
+    shared: &Shared,
+    guest: SocketAddrV4,
+) -> Option<(Key, u64, mpsc::Receiver<Bytes>)> {
+    let mut flows = shared.tcp_flows.lock().unwrap();
+    for _ in 0..FORWARD_PORTS.len() {
+        let mut port = NEXT_FORWARD_PORT.fetch_add(1, Ordering::Relaxed);
+        if !FORWARD_PORTS.contains(&port) {
+            NEXT_FORWARD_PORT.store(FORWARD_PORTS.start + 1, Ordering::Relaxed);
+            port = FORWARD_PORTS.start;
+        }
+        let key = Key {
+            guest,
+            dst: SocketAddrV4::new(shared.config.host_ip, port),
+        };
+        if !flows.contains_key(&key) {
+            let (tx, rx) = mpsc::channel(INBOX);
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            flows.insert(key, (id, tx));
+            return Some((key, id, rx));
+        }
+    }
+    None
+}
+
+/// Does the guest accept TCP connections on `guest`? Connects from the gateway, and resets
+/// the connection once it is established. False on refusal or when `timeout` runs out.
+pub(crate) async fn probe(
+    shared: &Arc<Shared>,
+    guest: SocketAddrV4,
+    mac: MacAddr,
+    timeout: Duration,
+) -> bool {
+    let Some((key, id, mut inbox)) = reserve_inbound(shared, guest) else {
+        return false;
+    };
+    let conn = Conn {
+        shared: Arc::clone(shared),
+        key,
+        id,
+        mac,
+    };
+    let mut dev = GuestLink {
+        rx: VecDeque::new(),
+        shared,
+        mac,
+    };
+    let mut iface = guest_interface(shared, &key, &mut dev);
+    let mut socket = guest_socket(1024);
+    let remote = (IpAddress::Ipv4(*guest.ip()), guest.port());
+    if socket
+        .connect(iface.context(), remote, endpoint(key.dst))
+        .is_err()
+    {
+        return false;
+    }
+    let mut sockets = SocketSet::new(Vec::new());
+    let handle = sockets.add(socket);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let accepted = loop {
+        iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+        match sockets.get::<tcp::Socket>(handle).state() {
+            tcp::State::Established => break true,
+            tcp::State::Closed => break false,
+            _ => {}
+        }
+        let delay = iface
+            .poll_delay(smoltcp::time::Instant::now(), &sockets)
+            .map(Duration::from)
+            .unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            p = inbox.recv() => match p {
+                Some(p) => dev.rx.push_back(p),
+                None => break false,
+            },
+            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(deadline) => break false,
+        }
+    };
+    sockets.get_mut::<tcp::Socket>(handle).abort();
+    iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+    drop(conn);
+    accepted
+}
+
 /// How the guest side of a connection starts.
 enum Opening {
     /// The guest connected out: feed smoltcp the guest's SYN (held until the host connected).
@@ -474,32 +573,11 @@ pub(crate) fn forward_in(
     mac: MacAddr,
 ) {
     let c = &shared.tcp_counters;
-    let mut flows = shared.tcp_flows.lock().unwrap();
-    let mut key = None;
-    for _ in 0..FORWARD_PORTS.len() {
-        let mut port = NEXT_FORWARD_PORT.fetch_add(1, Ordering::Relaxed);
-        if !FORWARD_PORTS.contains(&port) {
-            NEXT_FORWARD_PORT.store(FORWARD_PORTS.start + 1, Ordering::Relaxed);
-            port = FORWARD_PORTS.start;
-        }
-        let k = Key {
-            guest,
-            dst: SocketAddrV4::new(shared.config.host_ip, port),
-        };
-        if !flows.contains_key(&k) {
-            key = Some(k);
-            break;
-        }
-    }
-    let Some(key) = key else {
+    let Some((key, id, mut rx)) = reserve_inbound(shared, guest) else {
         FlowCounters::inc(&c.drop_limit);
         tracing::warn!("no free gateway port to forward a connection to {guest}");
         return;
     };
-    let (tx, mut rx) = mpsc::channel(INBOX);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    flows.insert(key, (id, tx));
-    drop(flows);
     let _ = stream.set_nodelay(true);
     let conn = Conn {
         shared: Arc::clone(shared),
