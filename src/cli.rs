@@ -134,6 +134,9 @@ pub struct Cli {
     /// Example: --pcap /tmp/usernet.pcap
     #[arg(long, value_name = "FILE", help_heading = "Control")]
     pub pcap: Option<PathBuf>,
+    /// Write the log here instead of standard error. Example: --log-file /tmp/usernet.log
+    #[arg(long, value_name = "FILE", help_heading = "Control")]
+    pub log_file: Option<PathBuf>,
     /// Write the daemon's pid here once serving; removed at exit. Example: --pid-file /tmp/usernet.pid
     #[arg(long, value_name = "FILE", help_heading = "Control")]
     pub pid_file: Option<PathBuf>,
@@ -157,6 +160,11 @@ pub struct Cli {
     /// (like slirp4netns --disable-host-loopback). Example: --no-host-loopback
     #[arg(long, help_heading = "Outbound")]
     pub no_host_loopback: bool,
+    /// Another on-link address that stands for the host's loopback, besides the host address
+    /// (gvproxy's plan has the gateway at .1 and the host at .254). Repeatable.
+    /// Example: --host-alias 192.168.127.254
+    #[arg(long, value_name = "IP", help_heading = "Outbound")]
+    pub host_alias: Vec<Ipv4Addr>,
     /// Bind outgoing sockets to this host address. Example: --outbound-addr 10.0.0.5
     #[arg(long, value_name = "IP", help_heading = "Outbound")]
     pub outbound_addr: Option<Ipv4Addr>,
@@ -277,6 +285,7 @@ impl Cli {
     pub fn apply_nat(&self, nat: &mut netstack::nat::NatConfig) {
         use std::time::Duration;
         nat.host_loopback = !self.no_host_loopback;
+        nat.host_aliases = self.host_alias.clone();
         nat.outbound_addr = self.outbound_addr;
         nat.tcp_connect_timeout = Duration::from_secs(self.tcp_connect_timeout);
         nat.max_tcp_connecting = self.max_tcp_connecting;

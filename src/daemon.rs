@@ -33,7 +33,19 @@ pub fn plan_from(cli: &Cli) -> Result<Plan, ConfigError> {
         )));
     }
     let settings = settings.merge(cli.plan_settings());
-    Plan::resolve(settings, &config::host_search_domains()).map_err(|e| ConfigError(e.to_string()))
+    let plan = Plan::resolve(settings, &config::host_search_domains())
+        .map_err(|e| ConfigError(e.to_string()))?;
+    for &alias in &cli.host_alias {
+        let in_pool = u32::from(plan.pool_start) <= u32::from(alias)
+            && u32::from(alias) <= u32::from(plan.pool_end);
+        if !plan.subnet.contains(&alias) || in_pool || alias == plan.guest_ip {
+            return Err(ConfigError(format!(
+                "host-alias {alias} must be inside {} and outside the DHCP pool {}-{}",
+                plan.subnet, plan.pool_start, plan.pool_end
+            )));
+        }
+    }
+    Ok(plan)
 }
 
 /// Everything `run` needs besides the plan.

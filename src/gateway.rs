@@ -143,6 +143,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         mac: plan.gateway_mac,
         host_ip: plan.host_ip,
         dns_ip: plan.dns_ip,
+        host_aliases: setup.nat.host_aliases.clone(),
         answer_host_ping: !setup.nat.host_loopback,
         network: plan.subnet.network(),
         prefix: plan.subnet.prefix_len(),

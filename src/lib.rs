@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -8,15 +8,19 @@ use usernet::cli::Cli;
 use usernet::daemon;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match usernet::compat::translate(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("usernet: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("usernet: {e}");
+        return ExitCode::from(2);
+    }
     raise_fd_limit();
     let prepared = daemon::plan_from(&cli)
         .and_then(|plan| daemon::dhcp_server(&plan, cli.lease_file.as_deref()).map(|d| (plan, d)));
@@ -62,4 +66,29 @@ fn raise_fd_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+}
+
+/// Logs via tracing (`RUST_LOG`, default info) to standard error or `--log-file`.
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match &cli.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("log-file {}: {e}", path.display()))?;
+            builder
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .init();
+        }
+        None => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+    }
+    Ok(())
 }

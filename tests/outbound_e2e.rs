@@ -300,7 +300,9 @@ fn half_close_both_ways() {
     const REQ: u64 = 100_000;
     const REPLY: u64 = 2 << 20;
     const FIRST: u64 = 1 << 20;
-    const AFTER: u64 = 300_000;
+    // Sent by the guest after the server's FIN, to a server that starts reading only 0.5 s
+    // later: the tail must wait in usernet while the host socket is full, and still arrive.
+    const AFTER: u64 = 4 << 20;
     for (ns, bind, target, peer) in [
         (&rig.s, SERVER, SERVER, VETH_D_IP),
         (&rig.d, "127.0.0.1", HOST, "127.0.0.1"),
@@ -352,7 +354,7 @@ fn half_close_both_ways() {
         // The server half-closes first; the guest reads to EOF, then sends and closes.
         let mut srv = rig.tool_server(
             ns,
-            &["tcp-serverfirst", bind, "9004", &FIRST.to_string()],
+            &["tcp-serverfirst", bind, "9004", &FIRST.to_string(), "0.5"],
             't',
             9004,
         );

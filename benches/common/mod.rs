@@ -23,7 +23,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber,
 };
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 pub const GATEWAY_MAC: MacAddr = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
@@ -171,7 +171,13 @@ async fn next(accepted: &mut mpsc::UnboundedReceiver<TcpStream>, have: usize) ->
 }
 
 async fn host_process() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    // A backlog well over OPEN_BATCH: a full accept queue would turn away handshakes the NAT
+    // (and so the guest) already counts as done (SYN cookies leave no state to retry from).
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind((Ipv4Addr::LOCALHOST, 0).into())
+        .expect("bind 127.0.0.1");
+    let listener = socket.listen(4096).expect("listen");
     println!("{}", listener.local_addr().unwrap().port());
     let (acc_tx, mut accepted) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -669,4 +675,28 @@ pub fn top_mappings(n: usize) -> Vec<(u64, u64, String)> {
     maps.sort_by(|a, b| b.cmp(a));
     maps.truncate(n);
     maps
+}
+
+/// CPU time (user + system) used so far by this process.
+pub fn cpu_self() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// CPU time (user + system) used so far by process `pid`, from /proc/PID/stat.
+pub fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (11 and 12 here), in clock ticks.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros((f[11] + f[12]) * 1_000_000 / hz)
 }

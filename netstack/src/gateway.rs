@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub host_ip: Ipv4Addr,
     /// The DNS address: local services only.
     pub dns_ip: Ipv4Addr,
+    /// More on-link addresses that stand for the host's loopback (gvproxy's .254).
+    pub host_aliases: Vec<Ipv4Addr>,
     /// Answer ping to the host address here instead of routing it to the host's loopback
     /// (when the host loopback is not reachable, `--no-host-loopback`).
     pub answer_host_ping: bool,
@@ -56,7 +58,7 @@ impl GatewayConfig {
     }
 
     fn owns(&self, ip: Ipv4Addr) -> bool {
-        ip == self.host_ip || ip == self.dns_ip
+        ip == self.host_ip || ip == self.dns_ip || self.host_aliases.contains(&ip)
     }
 }
 
@@ -278,7 +280,7 @@ impl Gateway {
             }
             return;
         }
-        if !local && dst != self.config.host_ip && self.config.on_link(dst) {
+        if !local && !self.config.owns(dst) && self.config.on_link(dst) {
             // On-link destinations are switched, never routed through the gateway.
             self.counters.drop_no_route += 1;
             return;
@@ -319,6 +321,9 @@ impl Gateway {
         let dst = SocketAddrV4::new(dst, repr.dst_port);
         let payload = udp.payload().to_vec();
         let to_broadcast = dst.ip().is_broadcast() || *dst.ip() == self.config.broadcast();
+        // When the DNS address is the host address too (Lima's user-v2 plan), only port 53
+        // is the local DNS service; the host address's other ports are the host's loopback.
+        let local = local && (self.config.dns_ip != self.config.host_ip || repr.dst_port == 53);
         if local || (repr.dst_port == DHCP_SERVER_PORT && to_broadcast) {
             self.counters.udp_local += 1;
             out.push(Output::Udp(UdpDatagram {

@@ -22,6 +22,7 @@ fn gateway() -> Gateway {
         mac: GW_MAC,
         host_ip: HOST,
         dns_ip: DNS,
+        host_aliases: vec![],
         answer_host_ping: true,
         network: Ipv4Addr::new(192, 168, 5, 0),
         prefix: 24,

@@ -198,15 +198,16 @@ def srv_tcp_halfclose(bind, port, reply_bytes):
     serve_threads(bind, port, h)
 
 
-def srv_tcp_serverfirst(bind, port, nbytes):
-    """Sends NBYTES of the stream and half-closes first; then reads the client's data to EOF
-    and reports it."""
-    nbytes = int(nbytes)
+def srv_tcp_serverfirst(bind, port, nbytes, delay="0"):
+    """Sends NBYTES of the stream and half-closes first; then (after DELAY seconds, a slow
+    reader) reads the client's data to EOF and reports it."""
+    nbytes, delay = int(nbytes), float(delay)
 
     def h(c, peer):
         for b in gen(nbytes):
             c.sendall(b)
         c.shutdown(socket.SHUT_WR)
+        time.sleep(delay)
         hs = hashlib.sha256()
         c.settimeout(60)
         n = read_to_eof(c, hs)

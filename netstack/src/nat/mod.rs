@@ -39,6 +39,8 @@ pub struct NatConfig {
     pub host_ip: Ipv4Addr,
     /// Whether the host address reaches the host's loopback (`false`: refused).
     pub host_loopback: bool,
+    /// More addresses that stand for the host's loopback, like the host address.
+    pub host_aliases: Vec<Ipv4Addr>,
     /// The DNS address: served locally, never NATed.
     pub dns_ip: Ipv4Addr,
     /// Bind outgoing sockets to this address (`--outbound-addr`).
@@ -75,6 +77,7 @@ impl NatConfig {
             prefix,
             host_ip,
             host_loopback: true,
+            host_aliases: Vec::new(),
             dns_ip,
             outbound_addr: None,
             tcp_connect_timeout: Duration::from_secs(30),
@@ -253,7 +256,7 @@ impl Shared {
     /// Where `dst` (a guest's destination) is on the host side.
     pub(crate) fn target(&self, dst: Ipv4Addr) -> Target {
         let c = &self.config;
-        if dst == c.host_ip {
+        if dst == c.host_ip || c.host_aliases.contains(&dst) {
             return if c.host_loopback {
                 Target::Host(Ipv4Addr::LOCALHOST)
             } else {
