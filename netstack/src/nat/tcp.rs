@@ -318,6 +318,7 @@ impl Conn {
         let mut sockets = SocketSet::new(Vec::new());
         let handle = sockets.add(socket);
         let mut established = false;
+        let mut guest_fin = false; // the guest closed its side gracefully
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
@@ -351,7 +352,7 @@ impl Conn {
             }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
             // The guest sent FIN (not RST: a reset is carried as a reset, below).
-            let guest_fin = matches!(
+            guest_fin |= matches!(
                 sock.state(),
                 tcp::State::CloseWait
                     | tcp::State::LastAck
@@ -391,16 +392,20 @@ impl Conn {
                 }
             }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
-            match sock.state() {
-                tcp::State::Closed => {
-                    if host_read_open || host_write_open {
-                        // The guest reset (or timed out): reset the host side too.
-                        let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                    }
-                    return Ok(());
+            // Both sides closed gracefully: done once everything the guest sent is written
+            // to the host (the host socket may have been slower than the guest).
+            let state = sock.state();
+            let finished =
+                state == tcp::State::TimeWait || (state == tcp::State::Closed && guest_fin);
+            if finished && !host_write_open {
+                return Ok(());
+            }
+            if state == tcp::State::Closed && !guest_fin {
+                if host_read_open || host_write_open {
+                    // The guest reset (or timed out): reset the host side too.
+                    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 }
-                tcp::State::TimeWait => return Ok(()),
-                _ => {}
+                return Ok(());
             }
             if moved {
                 continue; // push what just moved before waiting
