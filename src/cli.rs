@@ -126,6 +126,25 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", help_heading = "DHCP")]
     pub lease_file: Option<PathBuf>,
 
+    /// A static DNS name: NAME=IP, or NAME=OTHERNAME for an alias (Lima hostResolver.hosts).
+    /// Only the exact name is overridden. Repeatable. Example: --dns-host db.internal=192.168.5.2
+    #[arg(long, value_name = "NAME=VALUE", help_heading = "DNS")]
+    pub dns_host: Vec<String>,
+    /// Answer AAAA queries (Lima hostResolver.ipv6). Example: --dns-ipv6=false
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, help_heading = "DNS")]
+    pub dns_ipv6: bool,
+    /// Where queries go when the host's resolv.conf nameservers do not answer: IP or IP:PORT,
+    /// repeatable. [default: 8.8.8.8, 1.1.1.1] Example: --dns-fallback 192.0.2.53
+    #[arg(long, value_name = "ADDR", help_heading = "DNS")]
+    pub dns_fallback: Vec<String>,
+    /// Seconds before a query whose upstream does not answer gets SERVFAIL. Example: --dns-timeout 3
+    #[arg(long, value_name = "SECS", default_value_t = 5, help_heading = "DNS")]
+    pub dns_timeout: u64,
+    /// Run no DNS server in the network (Lima hostResolver.enabled: false); DHCP hands out the
+    /// --dns list instead. Example: --no-host-resolver --dns 192.0.2.53
+    #[arg(long, help_heading = "DNS")]
+    pub no_host_resolver: bool,
+
     /// Serve the gvproxy-compatible HTTP API on this unix socket (mode 0600): leases,
     /// forwards, DNS names, stats, wait_port. Example: --api /tmp/usernet-api.sock
     #[arg(long, value_name = "PATH", help_heading = "Control")]
@@ -292,6 +311,39 @@ impl Cli {
         nat.max_tcp_established = self.max_tcp_established;
         nat.tcp_buffer = self.tcp_buffer_size;
         nat.udp_timeout = Duration::from_secs(self.udp_timeout);
+    }
+
+    /// The DNS server's configuration, or `None` with --no-host-resolver.
+    pub fn dns_config(&self, host_ip: Ipv4Addr) -> Result<Option<dns::DnsConfig>, String> {
+        if self.no_host_resolver {
+            return Ok(None);
+        }
+        let mut c = dns::DnsConfig {
+            host_ip,
+            ipv6: self.dns_ipv6,
+            timeout: std::time::Duration::from_secs(self.dns_timeout.max(1)),
+            ..dns::DnsConfig::default()
+        };
+        for entry in &self.dns_host {
+            let (name, value) = entry
+                .split_once('=')
+                .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+                .ok_or_else(|| format!("dns-host {entry:?} is not NAME=IP or NAME=ALIAS"))?;
+            c.static_names
+                .push((name.to_string(), dns::StaticTarget::parse(value)));
+        }
+        if !self.dns_fallback.is_empty() {
+            c.fallback = self
+                .dns_fallback
+                .iter()
+                .map(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                        .map_err(|_| format!("dns-fallback {a} is not IP or IP:PORT"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(Some(c))
     }
 
     /// How to attach a VM, for `usernet` run with no transport.

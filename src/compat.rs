@@ -27,6 +27,14 @@ const GVPROXY_PLAN: &[&str] = &[
     "5a:94:ef:e4:0c:dd",
     "--leases",
     "192.168.127.2=5a:94:ef:e4:0c:ee",
+    "--dns-host",
+    "gateway.containers.internal=192.168.127.1",
+    "--dns-host",
+    "host.containers.internal=192.168.127.254",
+    "--dns-host",
+    "gateway.docker.internal=192.168.127.1",
+    "--dns-host",
+    "host.docker.internal=192.168.127.254",
 ];
 
 /// Rewrite `args` (argv, program name first) for the drop-in modes.

@@ -33,8 +33,12 @@ pub fn plan_from(cli: &Cli) -> Result<Plan, ConfigError> {
         )));
     }
     let settings = settings.merge(cli.plan_settings());
-    let plan = Plan::resolve(settings, &config::host_search_domains())
+    let mut plan = Plan::resolve(settings, &config::host_search_domains())
         .map_err(|e| ConfigError(e.to_string()))?;
+    if cli.no_host_resolver && cli.dns.is_none() {
+        // No DNS server in the network, and none named: DHCP hands out none.
+        plan.dns_servers.clear();
+    }
     for &alias in &cli.host_alias {
         let in_pool = u32::from(plan.pool_start) <= u32::from(alias)
             && u32::from(alias) <= u32::from(plan.pool_end);
@@ -67,13 +71,17 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
     /// `--ready-fd`
     pub ready_fd: Option<std::os::fd::RawFd>,
+    /// The DNS server's configuration (`None`: no DNS server, `--no-host-resolver`).
+    pub dns: Option<dns::DnsConfig>,
 }
 
 /// Everything besides the plan that the flags ask for.
-pub fn options_from(cli: &Cli, plan: &Plan) -> Options {
+pub fn options_from(cli: &Cli, plan: &Plan) -> Result<Options, ConfigError> {
     let mut nat = gateway::nat_config(plan);
     cli.apply_nat(&mut nat);
-    Options {
+    let dns = cli.dns_config(plan.host_ip).map_err(ConfigError)?;
+    Ok(Options {
+        dns,
         transports: cli.transports(),
         lease_file: cli.lease_file.clone(),
         nat: Some(nat),
@@ -86,7 +94,7 @@ pub fn options_from(cli: &Cli, plan: &Plan) -> Options {
         pcap: cli.pcap.clone(),
         pid_file: cli.pid_file.clone(),
         ready_fd: cli.ready_fd,
-    }
+    })
 }
 
 /// The DHCP server for `plan`, with the leases saved in `lease_file` restored.
@@ -105,6 +113,27 @@ pub fn dhcp_server(
 /// Run the network until SIGTERM or SIGINT.
 pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Result<()> {
     let switch = Switch::new(plan.mtu);
+    let mut nat = opts
+        .nat
+        .clone()
+        .unwrap_or_else(|| gateway::nat_config(&plan));
+    let dns = match &opts.dns {
+        Some(config) => {
+            let server =
+                dns::DnsServer::new(config.clone()).map_err(|e| anyhow::anyhow!("dns: {e}"))?;
+            // DNS over TCP: the NAT carries the guest's connections to the DNS address's port
+            // 53 to this listener on our own loopback.
+            let listener =
+                tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+            if let std::net::SocketAddr::V4(a) = listener.local_addr()? {
+                nat.dns_tcp = Some(a);
+            }
+            let tcp = server.clone();
+            tokio::spawn(async move { tcp.serve_tcp(listener).await });
+            Some(server)
+        }
+        None => None,
+    };
     if let Some(path) = &opts.pcap {
         switch.capture_to(crate::pcap::Capture::start(path)?);
     }
@@ -114,10 +143,8 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
         GatewaySetup {
             dhcp,
             lease_file: opts.lease_file.clone(),
-            nat: opts
-                .nat
-                .clone()
-                .unwrap_or_else(|| gateway::nat_config(&plan)),
+            nat,
+            dns: dns.clone(),
         },
     );
     let forwarder = crate::forward::Forwarder::new(gw.nat().clone(), gw.leases());
@@ -145,7 +172,16 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
             leases: gw.leases(),
             forwarder: Arc::clone(&forwarder),
             zones: Default::default(),
-            on_zone: Box::new(|_| {}),
+            on_zone: Box::new(move |zone| {
+                if let Some(dns) = &dns {
+                    let records: Vec<(String, std::net::IpAddr)> = zone
+                        .records
+                        .iter()
+                        .map(|r| (r.name.clone(), r.ip.into()))
+                        .collect();
+                    dns.add_names(&zone.name, &records);
+                }
+            }),
         });
         tokio::spawn(async move {
             if let Err(e) = crate::api::serve(listener, control).await {

@@ -18,6 +18,9 @@ use crate::switch::{PortRx, PortTx, Switch};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
+const DNS_PORT: u16 = 53;
+/// The largest UDP payload the link carries (the NAT fragments what exceeds the MTU).
+const MAX_UDP: usize = 65507;
 
 /// What the gateway task needs to start.
 pub struct GatewaySetup {
@@ -27,6 +30,8 @@ pub struct GatewaySetup {
     pub lease_file: Option<PathBuf>,
     /// The NAT's settings.
     pub nat: NatConfig,
+    /// The DNS server at the DNS address, if any.
+    pub dns: Option<dns::DnsServer>,
 }
 
 /// What the gateway task counted, on request.
@@ -47,6 +52,7 @@ pub struct GatewayHandle {
     stats: mpsc::Sender<oneshot::Sender<GatewayStats>>,
     lease_file: Option<PathBuf>,
     nat: Nat,
+    dns: Option<dns::DnsServer>,
     leases: watch::Receiver<Vec<dhcp::Lease>>,
 }
 
@@ -55,6 +61,7 @@ pub struct GatewayHandle {
 pub struct GatewayProbe {
     stats: mpsc::Sender<oneshot::Sender<GatewayStats>>,
     nat: Nat,
+    dns: Option<dns::DnsServer>,
 }
 
 impl GatewayProbe {
@@ -69,6 +76,11 @@ impl GatewayProbe {
     pub fn nat(&self) -> &Nat {
         &self.nat
     }
+
+    /// The DNS server, if any.
+    pub fn dns(&self) -> Option<&dns::DnsServer> {
+        self.dns.as_ref()
+    }
 }
 
 impl GatewayHandle {
@@ -77,6 +89,7 @@ impl GatewayHandle {
         GatewayProbe {
             stats: self.stats.clone(),
             nat: self.nat.clone(),
+            dns: self.dns.clone(),
         }
     }
 
@@ -165,6 +178,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
             lease_file: setup.lease_file,
             server_ip: plan.host_ip,
             nat: nat.clone(),
+            dns: setup.dns.clone(),
             port,
         },
         rx,
@@ -177,6 +191,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         stats,
         lease_file,
         nat,
+        dns: setup.dns,
         leases,
     }
 }
@@ -188,6 +203,7 @@ struct Task {
     lease_file: Option<PathBuf>,
     server_ip: Ipv4Addr,
     nat: Nat,
+    dns: Option<dns::DnsServer>,
     port: PortTx,
 }
 
@@ -224,7 +240,8 @@ async fn run(
                 Output::Route(r) => t.nat.route(r),
                 Output::Neighbor { ip, mac } => t.nat.learn_neighbor(ip, mac),
                 Output::Udp(d) if d.dst.port() == DHCP_SERVER_PORT => t.serve_dhcp(&d),
-                Output::Udp(_) => {} // no other local UDP service yet
+                Output::Udp(d) if d.dst.port() == DNS_PORT => t.serve_dns(d),
+                Output::Udp(_) => {} // no other local UDP service
             }
         }
     }
@@ -233,6 +250,17 @@ async fn run(
 }
 
 impl Task {
+    /// Answer a query to the DNS address on a task of its own: a slow lookup delays nothing.
+    fn serve_dns(&self, d: UdpDatagram) {
+        let Some(dns) = self.dns.clone() else { return };
+        let nat = self.nat.clone();
+        tokio::spawn(async move {
+            if let Some(answer) = dns.answer_udp(&d.payload, MAX_UDP).await {
+                nat.send_udp(d.src_mac, d.dst, d.src, &answer);
+            }
+        });
+    }
+
     fn serve_dhcp(&mut self, d: &UdpDatagram) {
         let before = self.dhcp.leases();
         let reply = match self.dhcp.handle(&d.payload, SystemTime::now()) {

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod gateway;
 pub mod pcap;
 pub mod plan;
+pub mod sshforward;
 pub mod stats;
 pub mod switch;
 pub mod transport;

@@ -38,7 +38,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let opts = daemon::options_from(&cli, &plan);
+    let opts = match daemon::options_from(&cli, &plan) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("usernet: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -36,5 +36,6 @@ pub async fn collect(switch: &Switch, gw: &GatewayProbe) -> Value {
         "tcp": nat.tcp,
         "udp": nat.udp,
         "icmp": nat.icmp,
+        "dns": gw.dns().map(|d| json!(d.counters())),
     })
 }

@@ -94,6 +94,7 @@ struct DnsRig {
     // Dropped in this order: the upstream, the daemon, the namespaces, then their /etc files.
     upstream: Option<BgProcess>,
     daemon: Daemon,
+    lease: LeaseInfo,
     g: Netns,
     d: Netns,
     _etc: EtcNetns,
@@ -118,6 +119,11 @@ fn usernet_has_dns_flags() -> bool {
 impl DnsRig {
     /// `None` when the test must be skipped.
     fn new(test: &str, extra: &[&str]) -> Option<DnsRig> {
+        Self::start(test, extra, true)
+    }
+
+    /// `serving`: whether a DNS server is expected at 192.168.5.3 (waited for).
+    fn start(test: &str, extra: &[&str], serving: bool) -> Option<DnsRig> {
         if !require_root_and_tools(test, TOOLS) {
             return None;
         }
@@ -169,10 +175,14 @@ impl DnsRig {
         let rig = DnsRig {
             upstream: Some(upstream),
             daemon,
+            lease,
             g,
             d,
             _etc: etc,
         };
+        if !serving {
+            return Some(rig);
+        }
         // The DNS server must be reachable before a test relies on it.
         let end = Instant::now() + Duration::from_secs(10);
         loop {
@@ -474,17 +484,29 @@ fn ipv6_false_answers_aaaa_empty() {
 }
 
 #[test]
-fn no_host_resolver_forwards_addresses() {
-    let Some(rig) = DnsRig::new(
-        "no_host_resolver_forwards_addresses",
-        &["--no-host-resolver"],
+fn no_host_resolver_runs_no_dns_server() {
+    let Some(rig) = DnsRig::start(
+        "no_host_resolver_runs_no_dns_server",
+        &["--no-host-resolver", "--dns", "192.0.2.53"],
+        false,
     ) else {
         return;
     };
-    // The upstream still answers; the daemon namespace's hosts file is not consulted.
-    rig.expect("web.test", "A", UDP, "10.0.0.10");
-    rig.expect_status("hostsonly.test", "A", UDP, "NXDOMAIN");
-    rig.expect("myhost.internal", "A", UDP, "10.9.9.9");
+    // DHCP hands out the --dns list, and nothing answers at the DNS address.
+    rig.daemon.check_eq(
+        "DNS servers in the lease",
+        rig.lease.dns.clone(),
+        vec![ip4("192.0.2.53")],
+        &rig.lease.client_output,
+    );
+    let r = rig.dig(&["+time=2", "host.lima.internal", "A"]);
+    rig.daemon.check(
+        r.status.is_none(),
+        format!(
+            "no DNS answer at {DNS} with --no-host-resolver\n{}",
+            r.out.describe()
+        ),
+    );
 }
 
 #[test]

@@ -558,6 +558,8 @@ impl Guest {
         let start = self.conn(port).expect("known port").snd_nxt;
         assert_eq!(self.conn(port).unwrap().state, State::Established);
         let end = start.wrapping_add((segments * MSS) as u32);
+        let (mut last_una, mut progress) = (start, Instant::now());
+        let mut next_report = Duration::from_secs(5);
         loop {
             loop {
                 let c = *self.conn(port).unwrap();
@@ -583,6 +585,27 @@ impl Guest {
                 c.snd_nxt = c.snd_una;
                 self.counters.retransmits += 1;
             }
+            let una = self.conn(port).unwrap().snd_una;
+            if una != last_una {
+                (last_una, progress) = (una, Instant::now());
+                next_report = Duration::from_secs(5);
+            } else if progress.elapsed() >= next_report {
+                let c = *self.conn(port).unwrap();
+                eprintln!(
+                    "guest: port {port} no progress for {:.0?}: una {} nxt {} end {} window {} \
+                     {:?}; guest {:?}; NAT {:?}",
+                    progress.elapsed(),
+                    c.snd_una,
+                    c.snd_nxt,
+                    end,
+                    c.peer_window,
+                    c.state,
+                    self.counters,
+                    self.nat.stats().tcp
+                );
+                next_report += Duration::from_secs(5);
+            }
+
         }
     }
 

@@ -180,6 +180,12 @@ impl DnsServer {
         self.inner.names.addresses()
     }
 
+    /// What `add_names` added, per zone, as given: `("internal.", [("host.lima", ip), ..])`
+    /// (gvproxy's `/services/dns/all` shape). Configured static names are not listed here.
+    pub fn zones(&self) -> Vec<(String, Vec<(String, IpAddr)>)> {
+        self.inner.names.zones()
+    }
+
     /// A snapshot of the counters.
     pub fn counters(&self) -> DnsStats {
         self.inner.stats.snapshot()

@@ -222,7 +222,7 @@ check_peer() {
 check_bigdown() {
     hp=$(param bigdown)
     t0=$(cut -d' ' -f1 /proc/uptime)
-    sha=$(nc "${hp%:*}" "${hp#*:}" < /dev/null | sha256sum | cut -d' ' -f1)
+    sha=$(timeout 300 nc "${hp%:*}" "${hp#*:}" < /dev/null | sha256sum | cut -d' ' -f1)
     t1=$(cut -d' ' -f1 /proc/uptime)
     if [ "$sha" = "$(param bigdownsha)" ]; then
         result bigdown ok "sha=$sha secs=$t0-$t1"
@@ -235,7 +235,7 @@ check_bigup() {
     hp=$(param bigup)
     n=$(param bigupn 1)
     t0=$(cut -d' ' -f1 /proc/uptime)
-    reply=$(i=0; while [ $i -lt "$n" ]; do cat /tmp/blob; i=$((i+1)); done | nc "${hp%:*}" "${hp#*:}")
+    reply=$(i=0; while [ $i -lt "$n" ]; do cat /tmp/blob; i=$((i+1)); done | timeout 300 nc "${hp%:*}" "${hp#*:}")
     t1=$(cut -d' ' -f1 /proc/uptime)
     want="$(( $(wc -c < /tmp/blob) * n )) $(param bigupsha)"
     if [ "$reply" = "$want" ]; then

@@ -121,7 +121,11 @@ pub fn parse_qemu_version(line: &str) -> Option<(u32, u32, u32)> {
     let rest = line.split("version ").nth(1)?;
     let v = rest.split_whitespace().next()?;
     let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next().flatten().unwrap_or(0), parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// The kernel and initramfs the guests boot.
@@ -161,7 +165,11 @@ fn find_kernel() -> Result<(PathBuf, PathBuf), String> {
             })
             .collect();
         kernels.sort();
-        if let Some(k) = kernels.into_iter().rev().find(|k| modules_for(&root, k).is_some()) {
+        if let Some(k) = kernels
+            .into_iter()
+            .rev()
+            .find(|k| modules_for(&root, k).is_some())
+        {
             let m = modules_for(&root, &k).expect("checked");
             return Ok((k, m));
         }
@@ -190,7 +198,12 @@ fn fingerprint(kernel: &Path, moddir: &Path) -> String {
     feed(&fs::read(script_path()).unwrap_or_default());
     feed(kernel.as_os_str().as_encoded_bytes());
     feed(moddir.as_os_str().as_encoded_bytes());
-    feed(&fs::metadata(kernel).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+    feed(
+        &fs::metadata(kernel)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .to_le_bytes(),
+    );
     format!("{h:016x}")
 }
 
@@ -223,7 +236,9 @@ impl GuestImage {
     /// The guest image, built into the cache on first use.
     pub fn get() -> Result<GuestImage, String> {
         let (kernel, moddir) = find_kernel()?;
-        let dir = cache_dir().join("guest").join(fingerprint(&kernel, &moddir));
+        let dir = cache_dir()
+            .join("guest")
+            .join(fingerprint(&kernel, &moddir));
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let img = GuestImage {
             kernel: dir.join("vmlinuz"),
@@ -256,8 +271,6 @@ impl GuestImage {
 pub struct Env {
     pub qemu: Qemu,
     pub image: GuestImage,
-    /// Whether usernet serves DNS (its --help lists --dns-host); if not, DNS checks are soft.
-    pub dns_wired: bool,
 }
 
 impl Env {
@@ -267,18 +280,7 @@ impl Env {
         }
         let got = Qemu::find().and_then(|q| GuestImage::get().map(|i| (q, i)));
         match got {
-            Ok((qemu, image)) => {
-                let help = Command::new(crate::support::USERNET)
-                    .arg("--help")
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                Some(Env {
-                    qemu,
-                    image,
-                    dns_wired: help.contains("--dns-host"),
-                })
-            }
+            Ok((qemu, image)) => Some(Env { qemu, image }),
             Err(reason) => {
                 if std::env::var("USERNET_E2E").as_deref() == Ok("1") {
                     panic!("{test}: cannot run QEMU end-to-end test with USERNET_E2E=1: {reason}");
@@ -364,7 +366,13 @@ impl Vm {
         let mut cmd = Command::new(&env.qemu.bin);
         cmd.envs(env.qemu.env.iter().map(|(k, v)| (k, v)));
         cmd.args(&env.qemu.args);
-        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
         cmd.args(["-m", "256", "-accel", "tcg", "-smp", "1"]);
         cmd.arg("-kernel").arg(&env.image.kernel);
         cmd.arg("-initrd").arg(&env.image.initrd);
@@ -376,10 +384,12 @@ impl Vm {
         ));
         cmd.args(["-serial", "chardev:s0"]);
         cmd.arg("-netdev").arg(netdev_with_id(&spec.netdev));
-        cmd.arg("-device")
-            .arg(format!("virtio-net-pci,netdev=n0,romfile=,mac={}", spec.mac));
+        cmd.arg("-device").arg(format!(
+            "virtio-net-pci,netdev=n0,romfile=,mac={}",
+            spec.mac
+        ));
         cmd.arg("-object").arg(format!(
-            "filter-dump,id=f0,netdev=n0,file={}",
+            "filter-dump,id=f0,netdev=n0,maxlen=2048,file={}",
             path.join("guest.pcap").display()
         ));
         let cmdline = format!(
@@ -403,7 +413,9 @@ impl Vm {
                         let target = 3 + i as i32;
                         if fd == target {
                             let flags = libc::fcntl(fd, libc::F_GETFD);
-                            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                            if flags < 0
+                                || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                            {
                                 return Err(std::io::Error::last_os_error());
                             }
                         } else if libc::dup2(fd, target) < 0 {
@@ -718,7 +730,10 @@ impl Scene {
         let desc = (exited || !ok).then(|| p.describe());
         self.servers.push(p);
         if let Some(desc) = desc {
-            self.fail(format!("server in {} on port {port} did not come up\n{desc}", self.d.name()));
+            self.fail(format!(
+                "server in {} on port {port} did not come up\n{desc}",
+                self.d.name()
+            ));
         }
     }
 
@@ -804,8 +819,8 @@ impl Scene {
     }
 
     /// Waits for VM `i` to finish its boot checks (`RESULT done`) and asserts that each check
-    /// in `must` passed; checks in `soft` (DNS while usernet does not serve it yet) are reported
-    /// on stderr but may fail.
+    /// in `must` passed; checks in `soft` (for a feature still being wired) are reported on
+    /// stderr but may fail.
     #[track_caller]
     pub fn expect_checks(&mut self, i: usize, must: &[&str], soft: &[&str]) {
         self.wait_result(i, "done", BOOT_DEADLINE);
@@ -829,7 +844,10 @@ impl Scene {
         }
         if !bad.is_empty() {
             let name = self.vms[i].name.clone();
-            self.fail(format!("{name}: failed guest checks:\n  {}", bad.join("\n  ")));
+            self.fail(format!(
+                "{name}: failed guest checks:\n  {}",
+                bad.join("\n  ")
+            ));
         }
     }
 
@@ -857,7 +875,13 @@ impl Scene {
     }
 
     /// One HTTP request to the daemon's API socket; returns (status, body).
-    pub fn api(&mut self, sock: &Path, method: &str, target: &str, body: Option<&str>) -> (u16, String) {
+    pub fn api(
+        &mut self,
+        sock: &Path,
+        method: &str,
+        target: &str,
+        body: Option<&str>,
+    ) -> (u16, String) {
         match api_request(sock, method, target, body) {
             Ok(r) => r,
             Err(e) => self.fail(format!("API {method} {target} on {}: {e}", sock.display())),
@@ -873,6 +897,17 @@ impl Scene {
 
 impl Drop for Scene {
     fn drop(&mut self) {
+        if std::env::var_os("USERNET_QEMU_SHOW").is_some() {
+            let mut text = String::new();
+            for vm in &mut self.vms {
+                text.push_str(&vm.describe());
+                text.push('\n');
+            }
+            if let Some(d) = &self.daemon {
+                text.push_str(&format!("--- daemon log tail:\n{}\n", d.log_tail()));
+            }
+            let _ = writeln!(std::io::stderr(), "{text}");
+        }
         self.vms.clear();
         self.daemon = None;
         self.servers.clear();
@@ -900,7 +935,8 @@ pub fn api_request(
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
     let text = String::from_utf8_lossy(&resp).into_owned();

@@ -622,6 +622,77 @@ def cli_craft(iface, dst_mac, src, dst, port, kind):
     out({"kind": kind, "frames": n})
 
 
+
+# ------------------------------------------------------------------------------------------
+# A guest attached through a QEMU stream socket (tap <-> 4-byte length-prefixed frames)
+# ------------------------------------------------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+def tap_bridge(iface, sockpath, mac=None):
+    """Creates tap IFACE in this namespace (optionally with MAC), brings it up, connects to the
+    unix stream socket SOCKPATH and relays frames both ways, each prefixed on the socket with
+    its 4-byte big-endian length (QEMU `-netdev stream`). Prints {"ready": ...} once relaying;
+    exits when either side closes (the tap goes away with the process)."""
+    import fcntl
+    import os
+    import select
+    import subprocess
+
+    tap = os.open("/dev/net/tun", os.O_RDWR)
+    ifr = struct.pack("16sH", iface.encode(), IFF_TAP | IFF_NO_PI)
+    fcntl.ioctl(tap, TUNSETIFF, ifr)
+    if mac:
+        subprocess.run(["ip", "link", "set", "dev", iface, "address", mac], check=True)
+    subprocess.run(["ip", "link", "set", "dev", iface, "up"], check=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sockpath)
+    out({"ready": True, "iface": iface, "socket": sockpath})
+    buf = b""
+    to_guest = to_net = 0
+    why = None
+    while why is None:
+        r, _, _ = select.select([tap, s], [], [])
+        if tap in r:
+            try:
+                f = os.read(tap, 65536)
+            except OSError as e:
+                why = "tap: " + classify(e)
+                break
+            if not f:
+                why = "tap closed"
+                break
+            try:
+                s.sendall(struct.pack("!I", len(f)) + f)
+            except OSError as e:
+                why = "socket send: " + classify(e)
+                break
+            to_net += 1
+        if s in r:
+            try:
+                b = s.recv(1 << 20)
+            except OSError as e:
+                why = "socket recv: " + classify(e)
+                break
+            if not b:
+                why = "socket closed"
+                break
+            buf += b
+            while len(buf) >= 4:
+                (n,) = struct.unpack("!I", buf[:4])
+                if len(buf) < 4 + n:
+                    break
+                frame, buf = buf[4:4 + n], buf[4 + n:]
+                try:
+                    os.write(tap, frame)
+                except OSError:
+                    pass  # e.g. the interface went down; keep relaying
+                to_guest += 1
+    out({"exit": why, "frames_to_net": to_net, "frames_to_guest": to_guest})
+
 COMMANDS = {
     "tcp-echo": srv_tcp_echo,
     "tcp-sink": srv_tcp_sink,
@@ -642,6 +713,7 @@ COMMANDS = {
     "echo-many": cli_echo_many,
     "udp-refused": cli_udp_refused,
     "craft": cli_craft,
+    "tap-bridge": tap_bridge,
 }
 
 
