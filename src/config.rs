@@ -472,7 +472,7 @@ networks:
         let e = load_str("gateway-mac: 01:02\n", Path::new("my.yaml"), None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is not a MAC address"), "{e}");
+        assert!(e.contains("invalid MAC address"), "{e}");
         let e = load_str("leases: [10.0.0.1]\n", Path::new("my.yaml"), None)
             .unwrap_err()
             .to_string();

@@ -68,9 +68,8 @@ pub struct Plan {
     pub static_leases: Vec<(Ipv4Addr, [u8; 6])>,
 }
 
-/// A MAC address, parsed from and shown as lowercase colon hex.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Mac(pub [u8; 6]);
+/// A MAC address, parsed from and shown as lowercase colon hex (the DHCP server's type).
+pub use dhcp::{MacAddr as Mac, MacParseError};
 
 /// A static DHCP lease, written `IP=MAC` (e.g. `192.168.5.20=52:55:55:12:34:56`),
 /// both on the command line (`--leases`) and in YAML (`leases:` list items).
@@ -144,11 +143,6 @@ impl PlanError {
     }
 }
 
-/// A string that is not a MAC address.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a MAC address (expected six hex pairs like 5a:94:ef:e4:0c:dd)")]
-pub struct MacParseError(String);
-
 /// A string that is not an `IP=MAC` static lease.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{input:?} is not a lease IP=MAC: {reason}")]
@@ -159,58 +153,17 @@ pub struct LeaseParseError {
 
 /// Parses `5a:94:ef:e4:0c:dd` (also upper case, and `-` as separator).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], MacParseError> {
-    let err = || MacParseError(s.to_string());
-    let sep = if s.contains('-') { '-' } else { ':' };
-    let mut out = [0u8; 6];
-    let mut parts = s.split(sep);
-    for byte in out.iter_mut() {
-        let part = parts.next().ok_or_else(err)?;
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err());
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
-    }
-    if parts.next().is_some() {
-        return Err(err());
-    }
-    Ok(out)
+    s.parse::<Mac>().map(|m| m.0)
 }
 
 /// Formats a MAC as lowercase colon hex: `5a:94:ef:e4:0c:dd`.
 pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+    Mac(mac).to_string()
 }
 
 /// Formats a lease as `IP=MAC`, the form `--leases` takes.
 pub fn format_lease(ip: Ipv4Addr, mac: [u8; 6]) -> String {
     format!("{ip}={}", format_mac(mac))
-}
-
-impl FromStr for Mac {
-    type Err = MacParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_mac(s).map(Mac)
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_mac(self.0))
-    }
-}
-
-impl Serialize for Mac {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Mac {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 impl FromStr for StaticLease {
@@ -1105,7 +1058,7 @@ mod tests {
         }
         assert_eq!(
             parse_mac("zz").unwrap_err().to_string(),
-            "\"zz\" is not a MAC address (expected six hex pairs like 5a:94:ef:e4:0c:dd)"
+            "invalid MAC address \"zz\" (expected six hex octets like 52:55:55:12:34:56)"
         );
     }
 

@@ -408,7 +408,7 @@ async fn assert_echo(sock: &Path, len: usize, seed: u64, what: &str) {
 
 /// Connects to a forward that cannot reach the guest: the connection must be closed, not hang.
 async fn assert_closed(sock: &Path, what: &str) {
-    let res = tokio::time::timeout(EXCHANGE_DEADLINE, async {
+    let back = tokio::time::timeout(EXCHANGE_DEADLINE, async {
         let mut conn = UnixStream::connect(sock).await?;
         let _ = conn
             .write_all(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n")
@@ -432,7 +432,7 @@ async fn start_serve(
     f: SockForward,
     ssh: SocketAddr,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let local = f.local.clone().await;
+    let local = f.local.clone();
     let task = tokio::spawn(serve(f, ssh));
     let end = Instant::now() + Duration::from_secs(10);
     while !local.exists() {

@@ -605,7 +605,6 @@ impl Guest {
                 );
                 next_report += Duration::from_secs(5);
             }
-
         }
     }
 
