@@ -136,14 +136,14 @@ impl FromStr for PortSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     /// The host address is taken or cannot be bound.
-    #[error("cannot listen on {addr}/{proto}: {source}")]
+    #[error("cannot listen on {addr}/{proto}: {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The protocol.
         proto: Proto,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (shown in the message, so not a `source`: no doubled text).
+        error: std::io::Error,
     },
     /// The same host address and protocol is forwarded already.
     #[error("{addr}/{proto} is forwarded already")]
@@ -184,10 +184,10 @@ impl Forwarder {
                 proto: f.proto,
             });
         }
-        let bind_err = |source| ForwardError::Bind {
+        let bind_err = |error| ForwardError::Bind {
             addr: f.host,
             proto: f.proto,
-            source,
+            error,
         };
         let me = Arc::clone(self);
         let task = match f.proto {

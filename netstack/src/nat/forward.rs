@@ -35,8 +35,12 @@ fn next_udp_port() -> u16 {
 pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: SocketAddrV4) {
     let socket = Arc::new(socket);
     let c = &shared.udp_counters;
-    // host client -> (gateway port, last activity)
-    let mut clients: HashMap<SocketAddr, (u16, Instant)> = HashMap::new();
+    // host client -> (gateway port, last activity); forgotten however this future ends.
+    let mut clients = Clients {
+        shared: &shared,
+        guest,
+        map: HashMap::new(),
+    };
     let (replies_tx, mut replies) = mpsc::channel::<(SocketAddr, Bytes)>(256);
     let mut buf = vec![0u8; 65536];
     let timeout = shared.config.udp_timeout;
@@ -50,7 +54,7 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: Soc
                     continue;
                 };
                 let now = Instant::now();
-                let port = match clients.get_mut(&client) {
+                let port = match clients.map.get_mut(&client) {
                     Some((port, seen)) => {
                         *seen = now;
                         *port
@@ -62,7 +66,7 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: Soc
                             dst: SocketAddrV4::new(shared.config.host_ip, port),
                         };
                         shared.udp_inbound.lock().unwrap().insert(key, (client, replies_tx.clone()));
-                        clients.insert(client, (port, now));
+                        clients.map.insert(client, (port, now));
                         FlowCounters::inc(&c.opened);
                         FlowCounters::inc(&c.open);
                         port
@@ -73,7 +77,7 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: Soc
                 shared.uplink.send_udp(mac, from, guest, &buf[..n]);
             }
             Some((client, payload)) = replies.recv() => {
-                if let Some((_, seen)) = clients.get_mut(&client) {
+                if let Some((_, seen)) = clients.map.get_mut(&client) {
                     *seen = Instant::now();
                 }
                 FlowCounters::add(&c.bytes_from_guest, payload.len() as u64);
@@ -83,30 +87,48 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: Soc
             }
             _ = sweep.tick() => {
                 let now = Instant::now();
-                clients.retain(|_, (port, seen)| {
-                    let live = now.duration_since(*seen) < timeout;
-                    if !live {
-                        let key = super::udp::Key {
-                            guest,
-                            dst: SocketAddrV4::new(shared.config.host_ip, *port),
-                        };
-                        shared.udp_inbound.lock().unwrap().remove(&key);
-                        FlowCounters::dec(&c.open);
-                        FlowCounters::inc(&c.closed);
-                    }
-                    live
-                });
+                let stale: Vec<SocketAddr> = clients
+                    .map
+                    .iter()
+                    .filter(|(_, (_, seen))| now.duration_since(*seen) >= timeout)
+                    .map(|(client, _)| *client)
+                    .collect();
+                for client in stale {
+                    clients.forget(&client);
+                }
             }
         }
     }
-    for (port, _) in clients.values() {
-        let key = super::udp::Key {
-            guest,
-            dst: SocketAddrV4::new(shared.config.host_ip, *port),
-        };
-        shared.udp_inbound.lock().unwrap().remove(&key);
-        FlowCounters::dec(&c.open);
-        FlowCounters::inc(&c.closed);
+}
+
+/// The host clients of one UDP forward, each with its gateway port.
+struct Clients<'a> {
+    shared: &'a Shared,
+    guest: SocketAddrV4,
+    map: HashMap<SocketAddr, (u16, Instant)>,
+}
+
+impl Clients<'_> {
+    fn forget(&mut self, client: &SocketAddr) {
+        if let Some((port, _)) = self.map.remove(client) {
+            let key = super::udp::Key {
+                guest: self.guest,
+                dst: SocketAddrV4::new(self.shared.config.host_ip, port),
+            };
+            self.shared.udp_inbound.lock().unwrap().remove(&key);
+            let c = &self.shared.udp_counters;
+            FlowCounters::dec(&c.open);
+            FlowCounters::inc(&c.closed);
+        }
+    }
+}
+
+impl Drop for Clients<'_> {
+    fn drop(&mut self) {
+        let all: Vec<SocketAddr> = self.map.keys().copied().collect();
+        for client in all {
+            self.forget(&client);
+        }
     }
 }
 

@@ -407,14 +407,10 @@ impl Nat {
         }
     }
 
-    /// Serve a bound host UDP socket as a forward into `guest` until the socket fails (abort
-    /// the task to stop it).
-    pub fn forward_udp(
-        &self,
-        socket: tokio::net::UdpSocket,
-        guest: SocketAddrV4,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(forward::serve_udp(Arc::clone(&self.shared), socket, guest))
+    /// Serve a bound host UDP socket as a forward into `guest` until the socket fails, or
+    /// until the future is dropped (which closes the socket and forgets the forward's flows).
+    pub async fn forward_udp(&self, socket: tokio::net::UdpSocket, guest: SocketAddrV4) {
+        forward::serve_udp(Arc::clone(&self.shared), socket, guest).await
     }
 
     /// Send a UDP datagram from a local service (e.g. DNS at the DNS address) to a guest,
