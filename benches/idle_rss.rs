@@ -18,8 +18,16 @@ use smoltcp::iface::{Interface, SocketStorage};
 use smoltcp::socket::tcp;
 
 const STEPS: [usize; 2] = [1_000, 10_000];
-/// Connections opened and reset before the baseline, to warm up one-time allocations.
+/// Connections opened and reset before the baseline, to warm up one-time allocations (and, as
+/// in a daemon that has run a while, the allocator's state after connections have come and
+/// gone). `IDLE_RSS_WARM_UP=N` to change.
 const WARM_UP: usize = 500;
+
+fn warm_up() -> usize {
+    std::env::var("IDLE_RSS_WARM_UP")
+        .map(|v| v.parse().expect("IDLE_RSS_WARM_UP: a count"))
+        .unwrap_or(WARM_UP)
+}
 /// Extra figure: connections that carry data before going idle, and how much each.
 const USED: usize = 1_000;
 const USED_SEGMENTS: usize = 45; // 65,700 bytes
@@ -85,9 +93,10 @@ async fn run() {
 
     // Warm up: open and reset some connections so that thread-local caches, the flow table's
     // first allocations and the runtime's slabs exist before the baseline.
-    guest.open(WARM_UP).await;
-    host.keep_idle(WARM_UP);
-    settle(&mut guest, WARM_UP as u64).await;
+    let warm = warm_up();
+    guest.open(warm).await;
+    host.keep_idle(warm);
+    settle(&mut guest, warm as u64).await;
     guest.reset_all();
     settle(&mut guest, 0).await;
     host.close_idle(); // capacity kept: the host side's Vec is not part of the figure
@@ -135,7 +144,7 @@ async fn run() {
     );
 
     println!(
-        "sizes: smoltcp Interface {} B, tcp::Socket {} B, SocketStorage {} B; NAT tcp_buffer {} B x 2 per connection (allocated zeroed, resident only once touched)",
+        "sizes: smoltcp Interface {} B, tcp::Socket {} B, SocketStorage {} B; NAT tcp_buffer {} B x 2 per connection (vec![0; n] each)",
         std::mem::size_of::<Interface>(),
         std::mem::size_of::<tcp::Socket<'static>>(),
         std::mem::size_of::<SocketStorage<'static>>(),

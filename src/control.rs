@@ -119,7 +119,7 @@ impl ApiBackend for Control {
         // As gvproxy: a zone added again replaces the old one, its new records first.
         if let Some(old) = zones.iter_mut().find(|z| z.name == zone.name) {
             let mut records = zone.records;
-            records.extend(old.records.drain(..));
+            records.append(&mut old.records);
             old.records = records;
             old.default_ip = zone.default_ip.or(old.default_ip);
         } else {

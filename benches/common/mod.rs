@@ -49,8 +49,14 @@ pub const MAX_CONNS: usize = 12_000;
 pub const OPEN_BATCH: usize = 256;
 
 /// The NAT's configuration for the benches: the documented defaults on the usual slirp link.
+/// `USERNET_BENCH_TCP_BUFFER=BYTES` sets `tcp_buffer` instead (a diagnostic: how much of a
+/// figure the guest-side buffers are).
 pub fn nat_config() -> NatConfig {
-    NatConfig::new(GATEWAY_MAC, MTU, NETWORK, PREFIX, HOST_IP, DNS_IP)
+    let mut c = NatConfig::new(GATEWAY_MAC, MTU, NETWORK, PREFIX, HOST_IP, DNS_IP);
+    if let Ok(v) = std::env::var("USERNET_BENCH_TCP_BUFFER") {
+        c.tcp_buffer = v.parse().expect("USERNET_BENCH_TCP_BUFFER: bytes");
+    }
+    c
 }
 
 /// Raise RLIMIT_NOFILE so that `want` descriptors can be open: the soft limit to the hard one,
@@ -244,6 +250,8 @@ struct Conn {
     state: State,
     snd_una: u32,
     snd_nxt: u32,
+    /// The highest sequence number sent (snd_nxt goes back on a retransmission).
+    snd_max: u32,
     rcv_nxt: u32,
     /// The NAT's window scale (from its SYN-ACK) and its last window, in bytes.
     peer_shift: u8,
@@ -255,6 +263,7 @@ impl Conn {
         state: State::Closed,
         snd_una: 0,
         snd_nxt: 0,
+        snd_max: 0,
         rcv_nxt: 0,
         peer_shift: 0,
         peer_window: 0,
@@ -429,6 +438,7 @@ impl Guest {
                 c.state = State::Established;
                 c.snd_una = ack;
                 c.snd_nxt = ack;
+                c.snd_max = ack;
                 c.rcv_nxt = seg.seq.wrapping_add(1);
                 c.peer_shift = seg.window_scale.unwrap_or(0);
                 c.peer_window = usize::from(seg.window_len);
@@ -448,8 +458,11 @@ impl Guest {
         }
         let conn = self.conn(port).unwrap();
         if let Some(ack) = seg.ack {
-            if after(ack, conn.snd_una) && !after(ack, conn.snd_nxt) {
+            if after(ack, conn.snd_una) && !after(ack, conn.snd_max) {
                 conn.snd_una = ack;
+                if after(ack, conn.snd_nxt) {
+                    conn.snd_nxt = ack; // what we went back to resend had arrived after all
+                }
             }
             conn.peer_window = usize::from(seg.window_len) << conn.peer_shift;
         }
@@ -514,6 +527,7 @@ impl Guest {
                     state: State::SynSent,
                     snd_una: iss,
                     snd_nxt: iss.wrapping_add(1),
+                    snd_max: iss.wrapping_add(1),
                     ..Conn::NEW
                 };
                 self.send(p, TcpControl::Syn, iss, None, false);
@@ -570,6 +584,9 @@ impl Guest {
                 self.send(port, TcpControl::Psh, c.snd_nxt, Some(c.rcv_nxt), true);
                 let c = self.conn(port).unwrap();
                 c.snd_nxt = c.snd_nxt.wrapping_add(MSS as u32);
+                if after(c.snd_nxt, c.snd_max) {
+                    c.snd_max = c.snd_nxt;
+                }
             }
             let c = *self.conn(port).unwrap();
             assert_eq!(

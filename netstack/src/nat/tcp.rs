@@ -486,10 +486,10 @@ fn reserve_inbound(
             guest,
             dst: SocketAddrV4::new(shared.config.host_ip, port),
         };
-        if !flows.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(key) {
             let (tx, rx) = mpsc::channel(INBOX);
             let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-            flows.insert(key, (id, tx));
+            slot.insert((id, tx));
             return Some((key, id, rx));
         }
     }
