@@ -38,6 +38,9 @@ struct Mem {
     vm_size_kb: u64,
     /// The host-side child's RSS (its accepted sockets' userspace part).
     host_statm: u64,
+    /// Resident kB in [heap] and in other anonymous mappings.
+    heap_kb: u64,
+    anon_kb: u64,
 }
 
 fn mem(host: &Host) -> Mem {
@@ -46,6 +49,8 @@ fn mem(host: &Host) -> Mem {
         vm_rss_kb: common::status_kb("VmRSS"),
         vm_size_kb: common::status_kb("VmSize"),
         host_statm: common::statm_rss_of(&host.pid().to_string()),
+        heap_kb: common::heap_and_anon_kb().0,
+        anon_kb: common::heap_and_anon_kb().1,
     }
 }
 
@@ -68,6 +73,16 @@ fn report(what: &str, n: usize, base: &Mem, now: &Mem) {
     println!(
         "  NAT process, VmSize:      +{dv:>10.0} kB  = {:>8.1} kB/conn",
         dv / n
+    );
+    let dh = now.heap_kb as f64 - base.heap_kb as f64;
+    let da = now.anon_kb as f64 - base.anon_kb as f64;
+    println!(
+        "    of which [heap]:        +{dh:>10.0} kB  = {:>8.2} kB/conn (main thread's arena)",
+        dh / n
+    );
+    println!(
+        "    of which other anon:    +{da:>10.0} kB  = {:>8.2} kB/conn (worker arenas, mmaps)",
+        da / n
     );
     println!(
         "  host side (child), RSS:   +{h:>10.1} KiB = {:>8.2} KiB/conn",

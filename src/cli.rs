@@ -145,6 +145,27 @@ pub struct Cli {
     #[arg(long, help_heading = "DNS")]
     pub no_host_resolver: bool,
 
+    /// Carry each connection to this host unix socket to a unix socket in the guest over SSH
+    /// (gvproxy -forward-sock, Podman's API socket). Repeatable; the Nth --forward-dest,
+    /// --forward-user and --forward-identity go with the Nth --forward-sock.
+    /// Example: --forward-sock /tmp/podman.sock --forward-dest /run/podman/podman.sock
+    /// --forward-user root --forward-identity ~/.ssh/id_ed25519 --forward-ssh 127.0.0.1:2222
+    #[arg(long, value_name = "PATH", help_heading = "SSH socket forwarding")]
+    pub forward_sock: Vec<PathBuf>,
+    /// The guest socket path for the --forward-sock at the same position.
+    #[arg(long, value_name = "PATH", help_heading = "SSH socket forwarding")]
+    pub forward_dest: Vec<String>,
+    /// The guest user for the --forward-sock at the same position (default root).
+    #[arg(long, value_name = "USER", help_heading = "SSH socket forwarding")]
+    pub forward_user: Vec<String>,
+    /// The private key for the --forward-sock at the same position.
+    #[arg(long, value_name = "FILE", help_heading = "SSH socket forwarding")]
+    pub forward_identity: Vec<PathBuf>,
+    /// Where the guest's sshd is reachable from usernet (the host side of a forward to the
+    /// guest's port 22). Example: --forward-ssh 127.0.0.1:2222
+    #[arg(long, value_name = "ADDR", help_heading = "SSH socket forwarding")]
+    pub forward_ssh: Option<std::net::SocketAddr>,
+
     /// Serve the gvproxy-compatible HTTP API on this unix socket (mode 0600): leases,
     /// forwards, DNS names, stats, wait_port. Example: --api /tmp/usernet-api.sock
     #[arg(long, value_name = "PATH", help_heading = "Control")]
@@ -311,6 +332,39 @@ impl Cli {
         nat.max_tcp_established = self.max_tcp_established;
         nat.tcp_buffer = self.tcp_buffer_size;
         nat.udp_timeout = Duration::from_secs(self.udp_timeout);
+    }
+
+    /// The SSH socket forwards, checked: every --forward-sock needs its --forward-dest and
+    /// --forward-identity, and --forward-ssh.
+    pub fn sock_forwards(&self) -> Result<Vec<crate::sshforward::SockForward>, String> {
+        if self.forward_sock.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.forward_ssh.is_none() {
+            return Err("forward-sock needs --forward-ssh (gvproxy: -ssh-port)".into());
+        }
+        self.forward_sock
+            .iter()
+            .enumerate()
+            .map(|(i, local)| {
+                let dest = self.forward_dest.get(i).cloned().ok_or_else(|| {
+                    format!("forward-sock {} has no --forward-dest", local.display())
+                })?;
+                let identity = self.forward_identity.get(i).cloned().ok_or_else(|| {
+                    format!("forward-sock {} has no --forward-identity", local.display())
+                })?;
+                Ok(crate::sshforward::SockForward {
+                    local: local.clone(),
+                    dest,
+                    user: self
+                        .forward_user
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| "root".into()),
+                    identity,
+                })
+            })
+            .collect()
     }
 
     /// The DNS server's configuration, or `None` with --no-host-resolver.

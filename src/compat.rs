@@ -139,24 +139,25 @@ fn gvproxy(program: &OsString, args: Vec<String>) -> Result<Vec<OsString>, Strin
                 }
             }
             "forward-sock" | "forward-dest" | "forward-user" | "forward-identity" => {
-                let _ = a.value(&flag, inline)?;
+                let v = a.value(&flag, inline)?;
                 if name == "forward-sock" {
                     forward_socks += 1;
                 }
+                out.extend([format!("--{name}"), v]);
             }
             _ => return Err(format!("gvproxy mode: unknown flag {flag}")),
         }
-    }
-    if forward_socks > 0 {
-        eprintln!(
-            "usernet: warning: gvproxy -forward-sock is not supported yet; {forward_socks} socket(s) not forwarded"
-        );
     }
     if ssh_port > 0 {
         out.extend([
             "-p".into(),
             format!("127.0.0.1:{ssh_port}:192.168.127.2:22"),
         ]);
+        // gvproxy reaches the guest's sshd for -forward-sock through its own stack; usernet
+        // through the host side of the -ssh-port forward.
+        out.extend(["--forward-ssh".into(), format!("127.0.0.1:{ssh_port}")]);
+    } else if forward_socks > 0 {
+        return Err("gvproxy mode: -forward-sock needs -ssh-port".into());
     }
     Ok(std::iter::once(program.clone())
         .chain(out.into_iter().map(OsString::from))

@@ -73,6 +73,10 @@ pub struct Options {
     pub ready_fd: Option<std::os::fd::RawFd>,
     /// The DNS server's configuration (`None`: no DNS server, `--no-host-resolver`).
     pub dns: Option<dns::DnsConfig>,
+    /// Host unix sockets carried to guest unix sockets over SSH, and where sshd is.
+    pub sock_forwards: Vec<crate::sshforward::SockForward>,
+    /// Where the guest's sshd is reachable (`--forward-ssh`).
+    pub forward_ssh: Option<std::net::SocketAddr>,
 }
 
 /// Everything besides the plan that the flags ask for.
@@ -82,6 +86,8 @@ pub fn options_from(cli: &Cli, plan: &Plan) -> Result<Options, ConfigError> {
     let dns = cli.dns_config(plan.host_ip).map_err(ConfigError)?;
     Ok(Options {
         dns,
+        sock_forwards: cli.sock_forwards().map_err(ConfigError)?,
+        forward_ssh: cli.forward_ssh,
         transports: cli.transports(),
         lease_file: cli.lease_file.clone(),
         nat: Some(nat),
@@ -188,6 +194,16 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
                 tracing::warn!("api: {e}");
             }
         });
+    }
+    if let Some(ssh) = opts.forward_ssh {
+        for f in opts.sock_forwards.iter().cloned() {
+            created.push(f.local.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::sshforward::serve(f, ssh).await {
+                    tracing::warn!("{e:#}");
+                }
+            });
+        }
     }
     if let Some(path) = &opts.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))

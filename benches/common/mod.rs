@@ -739,3 +739,31 @@ pub fn cpu_of(pid: u32) -> Duration {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros((f[11] + f[12]) * 1_000_000 / hz)
 }
+
+/// Resident kB of this process's `[heap]` (the main thread's malloc arena) and of its other
+/// anonymous mappings (other threads' arenas, mmapped allocations, stacks), from
+/// /proc/self/smaps.
+pub fn heap_and_anon_kb() -> (u64, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let (mut heap, mut anon) = (0, 0);
+    let mut kind = 0; // 0: file or other, 1: [heap], 2: anonymous
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            kind = match words.nth(4) {
+                Some("[heap]") => 1,
+                None => 2,
+                Some(_) => 0,
+            };
+        } else if first == "Rss:" {
+            let rss: u64 = words.next().unwrap().parse().unwrap();
+            match kind {
+                1 => heap += rss,
+                2 => anon += rss,
+                _ => {}
+            }
+        }
+    }
+    (heap, anon)
+}
