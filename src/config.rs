@@ -44,6 +44,45 @@ pub struct ConfigFile {
     pub dns: Option<Vec<Ipv4Addr>>,
     /// `IP=MAC` strings.
     pub leases: Option<Vec<StaticLease>>,
+    /// Static DNS names (Lima `hostResolver.hosts`): name -> IP, or name -> another name.
+    pub hosts: Option<std::collections::BTreeMap<String, String>>,
+    /// Port forwards, each as `-p` takes it (`2222:22`, `0.0.0.0:8080:80/tcp`).
+    pub publish: Option<Vec<String>>,
+}
+
+/// The sections of usernet's own config file that are not the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// `hosts:` as `NAME=VALUE` entries, in name order.
+    pub dns_hosts: Vec<String>,
+    /// `publish:` entries.
+    pub publish: Vec<String>,
+}
+
+/// The non-plan sections of `path` (a Lima networks.yaml has none).
+pub fn load_extras(path: &Path) -> Result<Extras, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let yaml_err = |e: serde_norway::Error| ConfigError::Yaml {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let value: serde_norway::Value = serde_norway::from_str(&text).map_err(yaml_err)?;
+    if value.get("networks").is_some() || value.is_null() {
+        return Ok(Extras::default());
+    }
+    let file: ConfigFile = serde_norway::from_value(value).map_err(yaml_err)?;
+    Ok(Extras {
+        dns_hosts: file
+            .hosts
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect(),
+        publish: file.publish.unwrap_or_default(),
+    })
 }
 
 impl ConfigFile {

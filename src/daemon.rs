@@ -79,6 +79,29 @@ pub struct Options {
     pub forward_ssh: Option<std::net::SocketAddr>,
 }
 
+/// Take the config file's `hosts:` and `publish:` sections into the flags (the file's entries
+/// first; flags add to them).
+pub fn apply_config_extras(cli: &mut Cli) -> Result<(), ConfigError> {
+    let Some(path) = cli.config.clone() else {
+        return Ok(());
+    };
+    let extras = config::load_extras(&path).map_err(|e| ConfigError(e.to_string()))?;
+    let mut hosts = extras.dns_hosts;
+    hosts.append(&mut cli.dns_host);
+    cli.dns_host = hosts;
+    let mut publish = extras
+        .publish
+        .iter()
+        .map(|p| {
+            p.parse::<crate::forward::PortSpec>()
+                .map_err(|e| ConfigError(format!("{}: publish: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    publish.append(&mut cli.publish);
+    cli.publish = publish;
+    Ok(())
+}
+
 /// Everything besides the plan that the flags ask for.
 pub fn options_from(cli: &Cli, plan: &Plan) -> Result<Options, ConfigError> {
     let mut nat = gateway::nat_config(plan);

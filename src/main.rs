@@ -16,12 +16,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(args);
+    let mut cli = Cli::parse_from(args);
     if let Err(e) = init_logging(&cli) {
         eprintln!("usernet: {e}");
         return ExitCode::from(2);
     }
     raise_fd_limit();
+    if let Err(e) = daemon::apply_config_extras(&mut cli) {
+        eprintln!("usernet: {e}");
+        return ExitCode::from(2);
+    }
     let prepared = daemon::plan_from(&cli)
         .and_then(|plan| daemon::dhcp_server(&plan, cli.lease_file.as_deref()).map(|d| (plan, d)));
     let (plan, dhcp) = match prepared {
