@@ -569,4 +569,30 @@ networks:
             Vec::<String>::new()
         );
     }
+
+    #[test]
+    fn extras_hosts_and_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("usernet.yaml");
+        std::fs::write(
+            &own,
+            "subnet: 10.77.0.0/24\nhosts:\n  web.internal: db.internal\n  db.internal: 10.77.0.2\npublish:\n  - \"8080:80\"\n",
+        )
+        .unwrap();
+        let e = load_extras(&own).unwrap();
+        assert_eq!(
+            e.dns_hosts,
+            ["db.internal=10.77.0.2", "web.internal=db.internal"]
+        );
+        assert_eq!(e.publish, ["8080:80"]);
+        assert_eq!(
+            load_file(&own, None).unwrap().subnet,
+            Some("10.77.0.0/24".parse().unwrap())
+        );
+        let lima = dir.path().join("networks.yaml");
+        std::fs::write(&lima, "networks:\n  user-v2:\n    mode: user-v2\n    gateway: 192.168.104.1\n    netmask: 255.255.255.0\n").unwrap();
+        assert_eq!(load_extras(&lima).unwrap(), Extras::default());
+        std::fs::write(&own, "hosts: [1, 2]\n").unwrap();
+        assert!(load_extras(&own).is_err());
+    }
 }
