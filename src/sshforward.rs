@@ -321,7 +321,12 @@ impl Forwarder {
         for attempt in 1..=CONNECT_ATTEMPTS {
             let err = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_once()).await {
                 Ok(Ok(session)) => {
-                    info!(forward = %self.f, attempt, "forward-sock: SSH session to {} established", self.ssh);
+                    let ssh = self.ssh;
+                    info!(
+                        forward = %self.f,
+                        attempt,
+                        "forward-sock: SSH session to {ssh} established"
+                    );
                     return Ok(session);
                 }
                 Ok(Err(ConnectError::Refused(e))) => return Err(e),
@@ -334,7 +339,11 @@ impl Forwarder {
                     self.ssh
                 )));
             }
-            debug!(forward = %self.f, "forward-sock: waiting for sshd at {}: {err:#} (retry in {pause:?})", self.ssh);
+            let ssh = self.ssh;
+            debug!(
+                forward = %self.f,
+                "forward-sock: waiting for sshd at {ssh}: {err:#} (retry in {pause:?})"
+            );
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(BACKOFF_MAX);
         }

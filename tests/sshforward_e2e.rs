@@ -185,7 +185,6 @@ impl Sshd {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              AllowStreamLocalForwarding yes\n\
-             AllowTcpForwarding no\n\
              X11Forwarding no\n\
              UsePAM no\n\
              StrictModes no\n\
@@ -301,7 +300,8 @@ fn children_of(pid: i32) -> Vec<i32> {
         let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
             continue;
         };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ')'.
+        // "pid (comm) state ppid ...": comm may hold spaces and
+        // parentheses: split after the last ')'.
         let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
             continue;
         };
@@ -380,7 +380,8 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Sends `data` through the forward at `sock`, half-closes, reads until EOF; returns what came back.
+/// Sends `data` through the forward at `sock`, half-closes, reads until EOF; returns what came
+/// back.
 async fn exchange(sock: &Path, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
     let conn = UnixStream::connect(sock).await?;
     let (mut rd, mut wr) = conn.into_split();
@@ -594,9 +595,14 @@ async fn forward_sock_over_real_sshd() {
     eprintln!("ok: retry with backoff while sshd is down");
 
     let log = logs.text();
+    let sessions = log
+        .lines()
+        .filter(|l| l.contains("SSH session to") && l.contains("podman.sock ->"))
+        .count();
     assert!(
-        log.matches("SSH session to").count() >= 3,
-        "expected at least 3 sessions (start, restart, comeback); logs:\n{log}"
+        sessions >= 3,
+        "expected 3 sessions for podman.sock (start, restart, comeback), saw {sessions}; \
+         logs:\n{log}"
     );
     drop(sshd);
 }
@@ -647,8 +653,21 @@ async fn forward_sock_binding_rules() {
     let stale = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let task = start_serve(fwd(&stale), ssh).await;
-    std::os::unix::net::UnixStream::connect(&stale).expect("the replaced socket accepts");
+    let task = tokio::spawn(serve(fwd(&stale), ssh));
+    // The stale file exists from the start: wait for the new listener, not for the file.
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&stale).is_err() {
+        assert!(
+            Instant::now() < end,
+            "the stale socket was not replaced by a live one"
+        );
+        assert!(
+            !task.is_finished(),
+            "serve() on a stale socket returned: {:?}",
+            task.await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     task.abort();
     let _ = task.await;
     assert!(
