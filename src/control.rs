@@ -35,7 +35,7 @@ fn proto(p: Protocol) -> Result<Proto, ApiError> {
         Protocol::Tcp => Ok(Proto::Tcp),
         Protocol::Udp => Ok(Proto::Udp),
         Protocol::Unix => Err(ApiError::BadRequest(
-            "unix forwards are not supported yet".into(),
+            "unix forwards take a socket path as local".into(),
         )),
     }
 }
@@ -65,6 +65,23 @@ impl ApiBackend for Control {
     }
 
     fn expose(&self, f: Forward) -> Result<(), ApiError> {
+        if f.protocol == Protocol::Unix {
+            let LocalAddr::Path(path) = f.local_addr()? else {
+                return Err(ApiError::BadRequest(format!(
+                    "local {} is not a path",
+                    f.local
+                )));
+            };
+            let (guest_ip, guest_port) = f.remote_addr()?;
+            return self
+                .forwarder
+                .add_unix(forward::UnixForward {
+                    path,
+                    guest_ip,
+                    guest_port,
+                })
+                .map_err(ApiError::Busy);
+        }
         let proto = proto(f.protocol)?;
         let host = inet(&f)?;
         let (guest_ip, guest_port) = f.remote_addr()?;
@@ -83,6 +100,13 @@ impl ApiBackend for Control {
     }
 
     fn unexpose(&self, local: &str, protocol: Protocol) -> Result<(), ApiError> {
+        if protocol == Protocol::Unix {
+            return if self.forwarder.remove_unix(std::path::Path::new(local)) {
+                Ok(())
+            } else {
+                Err(ApiError::NotFound(format!("no unix forward on {local}")))
+            };
+        }
         let proto = proto(protocol)?;
         let host = match crate::api::parse_local(protocol, local).map_err(ApiError::BadRequest)? {
             LocalAddr::Inet(a) => a,
@@ -96,6 +120,14 @@ impl ApiBackend for Control {
     }
 
     fn forwards(&self) -> Vec<Forward> {
+        let unix = self.forwarder.list_unix().into_iter().map(|f| Forward {
+            local: f.path.display().to_string(),
+            remote: match f.guest_ip {
+                Some(ip) => format!("{ip}:{}", f.guest_port),
+                None => format!(":{}", f.guest_port),
+            },
+            protocol: Protocol::Unix,
+        });
         self.forwarder
             .list()
             .into_iter()
@@ -110,6 +142,7 @@ impl ApiBackend for Control {
                     Proto::Udp => Protocol::Udp,
                 },
             })
+            .chain(unix)
             .collect()
     }
 

@@ -160,6 +160,18 @@ pub struct Forwarder {
     nat: Nat,
     leases: watch::Receiver<Vec<dhcp::Lease>>,
     active: Mutex<BTreeMap<ForwardKey, (Forward, JoinHandle<()>)>>,
+    unix: Mutex<BTreeMap<std::path::PathBuf, (UnixForward, JoinHandle<()>)>>,
+}
+
+/// A forward from a host unix socket to a guest TCP port (gvproxy's `unix` protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixForward {
+    /// The socket usernet listens on.
+    pub path: std::path::PathBuf,
+    /// The guest's address; `None`: the first lease.
+    pub guest_ip: Option<Ipv4Addr>,
+    /// The guest's TCP port.
+    pub guest_port: u16,
 }
 
 /// Forwards are told apart by protocol and host address.
@@ -172,6 +184,7 @@ impl Forwarder {
             nat,
             leases,
             active: Mutex::new(BTreeMap::new()),
+            unix: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -221,6 +234,59 @@ impl Forwarder {
             }
             None => false,
         }
+    }
+
+    /// Start forwarding connections to the unix socket `f.path` into the guest (binds now;
+    /// call inside the runtime).
+    pub fn add_unix(self: &Arc<Self>, f: UnixForward) -> Result<(), String> {
+        if self.unix.lock().unwrap().contains_key(&f.path) {
+            return Err(format!("{} is forwarded already", f.path.display()));
+        }
+        crate::transport::claim_socket_path(&f.path).map_err(|e| e.to_string())?;
+        let listener = std::os::unix::net::UnixListener::bind(&f.path)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::UnixListener::from_std)
+            .map_err(|e| format!("cannot listen on {}: {e}", f.path.display()))?;
+        let me = Arc::clone(self);
+        let shown = f.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let ip = shown.guest_ip.or_else(|| first_lease(&me.leases.borrow()));
+                let Some(ip) = ip else { continue };
+                let _ = me
+                    .nat
+                    .forward_unix(stream, SocketAddrV4::new(ip, shown.guest_port));
+            }
+        });
+        tracing::info!("forwarding {} -> :{}", f.path.display(), f.guest_port);
+        self.unix.lock().unwrap().insert(f.path.clone(), (f, task));
+        Ok(())
+    }
+
+    /// Stop forwarding the unix socket `path` (and remove it); false if there was none.
+    pub fn remove_unix(&self, path: &std::path::Path) -> bool {
+        match self.unix.lock().unwrap().remove(path) {
+            Some((_, task)) => {
+                task.abort();
+                let _ = std::fs::remove_file(path);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The unix-socket forwards, in path order.
+    pub fn list_unix(&self) -> Vec<UnixForward> {
+        self.unix
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(f, _)| f.clone())
+            .collect()
     }
 
     /// The forwards, in address order.
@@ -280,6 +346,10 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         for (_, task) in self.active.lock().unwrap().values() {
             task.abort();
+        }
+        for (path, (_, task)) in self.unix.lock().unwrap().iter() {
+            task.abort();
+            let _ = std::fs::remove_file(path);
         }
     }
 }

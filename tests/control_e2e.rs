@@ -876,6 +876,42 @@ fn forwards_reach_guest_servers_and_go_away_when_removed() {
     );
     assert_udp_echo(&daemon, &d, "127.0.0.1", 15353, &mut echo);
 
+    // A unix-socket forward (gvproxy's "unix" protocol): a host socket to the guest's port 80.
+    let unix = dir.path().join("guest-web.sock");
+    let r = post(
+        &sock,
+        "/services/forwarder/expose",
+        &format!(
+            r#"{{"local":"{}","remote":":80","protocol":"unix"}}"#,
+            p(&unix)
+        ),
+    );
+    expect_status(&daemon, "expose unix", &r, 200);
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--unix-socket",
+        &p(&unix),
+        "http://localhost/page.txt",
+    ]);
+    let got = run_with_deadline(curl, Duration::from_secs(15));
+    daemon.check_that(
+        got.stdout == PAGE,
+        format!("curl over the unix forward\n{}", got.describe()),
+    );
+    let r = post(
+        &sock,
+        "/services/forwarder/unexpose",
+        &format!(r#"{{"local":"{}","protocol":"unix"}}"#, p(&unix)),
+    );
+    expect_status(&daemon, "unexpose unix", &r, 200);
+    daemon.check_that(
+        !unix.exists(),
+        "the unix forward's socket is removed by unexpose",
+    );
+
     // Removed through the API: the host ports close.
     for body in [
         r#"{"local":"127.0.0.1:18080","protocol":"tcp"}"#,

@@ -59,7 +59,7 @@ pub fn parse_dgram_path(s: &str) -> Result<PathBuf, String> {
 
 /// Make room for a listening unix socket at `path`: a stale socket file (nobody accepts on it)
 /// is removed; a live one, or a file that is not a socket, is an error.
-pub(crate) fn claim_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
+pub fn claim_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());

@@ -388,6 +388,23 @@ impl Nat {
         stream: tokio::net::TcpStream,
         guest: SocketAddrV4,
     ) -> Result<(), tokio::net::TcpStream> {
+        let _ = stream.set_nodelay(true);
+        match self.shared.neighbor(*guest.ip()) {
+            Some(mac) => {
+                tcp::forward_in(&self.shared, stream, guest, mac);
+                Ok(())
+            }
+            None => Err(stream),
+        }
+    }
+
+    /// Carry an accepted host unix-socket connection into the guest's TCP port `guest`
+    /// (gvproxy's unix forwards). Returns the stream back when the guest's MAC is unknown.
+    pub fn forward_unix(
+        &self,
+        stream: tokio::net::UnixStream,
+        guest: SocketAddrV4,
+    ) -> Result<(), tokio::net::UnixStream> {
         match self.shared.neighbor(*guest.ip()) {
             Some(mac) => {
                 tcp::forward_in(&self.shared, stream, guest, mac);

@@ -24,7 +24,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber,
 };
 use socket2::SockRef;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
 use super::{FlowCounters, Shared};
@@ -279,9 +279,9 @@ impl Conn {
     }
 
     /// Carry the connection until both sides are done.
-    async fn relay(
+    async fn relay<S: HostStream>(
         &self,
-        stream: TcpStream,
+        stream: S,
         opening: Opening,
         inbox: &mut mpsc::Receiver<Bytes>,
     ) -> io::Result<()> {
@@ -556,6 +556,36 @@ pub(crate) async fn probe(
     accepted
 }
 
+/// The host side of a connection: a TCP stream, or a unix stream (forwards from a host unix
+/// socket into the guest).
+pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+macro_rules! host_stream {
+    ($t:ty) => {
+        impl HostStream for $t {
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+                <$t>::writable(self)
+            }
+        }
+    };
+}
+host_stream!(TcpStream);
+host_stream!(UnixStream);
+
 /// How the guest side of a connection starts.
 enum Opening {
     /// The guest connected out: feed smoltcp the guest's SYN (held until the host connected).
@@ -571,9 +601,9 @@ static NEXT_FORWARD_PORT: std::sync::atomic::AtomicU16 =
 
 /// Carry an accepted host connection into the guest at `guest` (at `mac`): a connection from
 /// the gateway's host address. Refused by the guest: the host side is closed at once.
-pub(crate) fn forward_in(
+pub(crate) fn forward_in<S: HostStream>(
     shared: &Arc<Shared>,
-    stream: TcpStream,
+    stream: S,
     guest: SocketAddrV4,
     mac: MacAddr,
 ) {
@@ -583,7 +613,6 @@ pub(crate) fn forward_in(
         tracing::warn!("no free gateway port to forward a connection to {guest}");
         return;
     };
-    let _ = stream.set_nodelay(true);
     let conn = Conn {
         shared: Arc::clone(shared),
         key,
