@@ -97,7 +97,7 @@ fn report(what: &str, n: usize, base: &Mem, now: &Mem) {
 
 async fn settle(guest: &mut Guest, open: u64) {
     common::wait_open(guest, open).await;
-    guest.idle_for(Duration::from_secs(2)).await;
+    guest.idle_for(Duration::from_secs(3)).await;
 }
 
 async fn run() {

@@ -293,7 +293,11 @@ impl Conn {
             mac: self.mac,
         };
         let mut iface = guest_interface(shared, &self.key, &mut dev);
-        let mut socket = guest_socket(shared.config.tcp_buffer);
+        let buffers = Buffers::new(shared.config.tcp_buffer)?;
+        // SAFETY: `buffers` is declared before `sockets`, so it outlives the socket.
+        let mut socket = unsafe { buffers.socket() };
+        let mut dirty = false; // data went through the buffers since they were last released
+        let mut last_activity = tokio::time::Instant::now();
         // Our side of the guest connection is the destination the guest used (outbound) or
         // the gateway's forwarding port (inbound): `key.dst` either way.
         let ours = endpoint(self.key.dst);
@@ -408,16 +412,25 @@ impl Conn {
                 return Ok(());
             }
             if moved {
+                dirty = true;
+                last_activity = tokio::time::Instant::now();
                 continue; // push what just moved before waiting
+            }
+            let empty = sock.send_queue() == 0;
+            if dirty && empty && last_activity.elapsed() >= RELEASE_AFTER {
+                buffers.release();
+                dirty = false;
             }
             let want_read = host_read_open && sock.can_send();
             let want_write = host_write_open && sock.can_recv();
             let delay = iface.poll_delay(smoltcp::time::Instant::now(), &sockets);
-            let sleep = tokio::time::sleep(
-                delay
-                    .map(Duration::from)
-                    .unwrap_or(Duration::from_secs(3600)),
-            );
+            let mut wake = delay
+                .map(Duration::from)
+                .unwrap_or(Duration::from_secs(3600));
+            if dirty && empty {
+                wake = wake.min(RELEASE_AFTER.saturating_sub(last_activity.elapsed()));
+            }
+            let sleep = tokio::time::sleep(wake);
             tokio::select! {
                 p = inbox.recv() => match p {
                     Some(p) => {
@@ -452,16 +465,77 @@ fn guest_interface(shared: &Shared, key: &Key, dev: &mut GuestLink<'_>) -> Inter
     iface
 }
 
-/// A guest-side TCP socket with `size`-byte buffers each way.
-fn guest_socket(size: usize) -> tcp::Socket<'static> {
-    let mut socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; size]),
-        tcp::SocketBuffer::new(vec![0; size]),
-    );
-    socket.set_nagle_enabled(false);
-    socket.set_keep_alive(Some(KEEPALIVE.into()));
-    socket
+/// The two guest-side buffers of one connection, in one anonymous mapping of their own: pages
+/// become resident only when data passes through them, and [`Buffers::release`] gives the
+/// transmit half back to the kernel once the connection has gone idle with it empty (an empty
+/// transmit ring holds nothing, not even unacknowledged data). The receive half is kept: smoltcp
+/// may hold out-of-order segments past its queued length there.
+struct Buffers {
+    ptr: *mut u8,
+    size: usize,
 }
+
+// SAFETY: the mapping is owned by one connection task; only raw pointers cross threads.
+unsafe impl Send for Buffers {}
+
+impl Buffers {
+    fn new(size: usize) -> io::Result<Buffers> {
+        // SAFETY: a fresh private anonymous mapping; checked for failure below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Buffers {
+            ptr: ptr.cast(),
+            size,
+        })
+    }
+
+    /// The guest-side socket over these buffers.
+    ///
+    /// SAFETY: the socket must be dropped before `self` (declare the `Buffers` first).
+    unsafe fn socket(&self) -> tcp::Socket<'static> {
+        let rx = std::slice::from_raw_parts_mut(self.ptr, self.size);
+        let tx = std::slice::from_raw_parts_mut(self.ptr.add(self.size), self.size);
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
+        socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(KEEPALIVE.into()));
+        socket
+    }
+
+    /// Return the transmit half's pages to the kernel. Only while the transmit buffer is
+    /// empty (`send_queue() == 0`: everything sent was acknowledged).
+    fn release(&self) {
+        // SAFETY: our own mapping; MADV_DONTNEED makes it read back as zeroes, which an empty
+        // ring buffer does not look at.
+        unsafe {
+            libc::madvise(
+                self.ptr.add(self.size).cast(),
+                self.size,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; the socket over it is gone (see `socket`).
+        unsafe { libc::munmap(self.ptr.cast(), 2 * self.size) };
+    }
+}
+
+/// How long a connection stays quiet, buffers empty, before its buffer pages are returned.
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
 
 fn endpoint(a: SocketAddrV4) -> IpListenEndpoint {
     IpListenEndpoint {
@@ -519,7 +593,12 @@ pub(crate) async fn probe(
         mac,
     };
     let mut iface = guest_interface(shared, &key, &mut dev);
-    let mut socket = guest_socket(1024);
+    let buffers = match Buffers::new(4096) {
+        Ok(b) => b,
+        Err(_) => return false,
+    };
+    // SAFETY: `buffers` is declared before `sockets`, so it outlives the socket.
+    let mut socket = unsafe { buffers.socket() };
     let remote = (IpAddress::Ipv4(*guest.ip()), guest.port());
     if socket
         .connect(iface.context(), remote, endpoint(key.dst))
