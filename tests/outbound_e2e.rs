@@ -659,6 +659,43 @@ fn thousand_concurrent_echo_connections() {
     );
 }
 
+/// A connection that went idle gets its buffers released (both halves), and data carried
+/// after that is still exact in both directions.
+#[test]
+fn idle_connection_releases_buffers_and_keeps_data() {
+    let Some(rig) = rig("idle_connection_releases_buffers_and_keeps_data", &[]) else {
+        return;
+    };
+    let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9010"], 't', 9010);
+    let before = rig.daemon.stats();
+    // 3.5 s pauses: past the 2 s after which an idle connection's buffers go back.
+    let out = run_with_deadline(
+        rig.tool(
+            &rig.g,
+            &["echo-rounds", SERVER, "9010", "1000000", "3", "3.5"],
+        ),
+        Duration::from_secs(60),
+    );
+    let v = parse_last_json(&out.stdout).filter(|_| out.success());
+    if !v.as_ref().is_some_and(|v| v["ok"] == Value::Bool(true)) {
+        rig.fail(format!(
+            "three 1 MB echo rounds on one connection, idle 3.5 s between them, should all \
+             come back exact\n{}\n{}",
+            out.describe(),
+            echo.describe()
+        ));
+    }
+    let after = rig.daemon.stats();
+    let released = |st: &Value| stat_u64(st, "tcp.buffers_released").unwrap_or(0);
+    rig.check(
+        released(&after) >= released(&before) + 2,
+        format!(
+            "the connection's buffers should have been released in both pauses: \
+             before {before}\nafter {after}"
+        ),
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. UDP
 // ---------------------------------------------------------------------------------------------

@@ -444,6 +444,36 @@ def cli_echo_many(host, port, n, size, timeout):
     out(asyncio.run(main()))
 
 
+def cli_echo_rounds(host, port, size, rounds, pause):
+    """One connection: ROUNDS times send SIZE distinct bytes and read them back, with PAUSE
+    seconds of silence between rounds (long enough for usernet to release an idle
+    connection's buffers)."""
+    size, rounds, pause = int(size), int(rounds), float(pause)
+    c = socket.create_connection((host, int(port)), timeout=30)
+    done = []
+    try:
+        for i in range(rounds):
+            if i:
+                time.sleep(pause)
+            payload = random.Random(1000 + i).randbytes(size)
+            t = threading.Thread(target=c.sendall, args=(payload,))
+            t.start()
+            got = bytearray()
+            while len(got) < size:
+                b = c.recv(min(1 << 20, size - len(got)))
+                if not b:
+                    break
+                got += b
+            t.join()
+            done.append({"round": i, "ok": bytes(got) == payload, "got": len(got)})
+    except Exception as e:
+        out({"ok": False, "rounds": done, "error": classify(e)})
+        return
+    finally:
+        c.close()
+    out({"ok": all(r["ok"] for r in done) and len(done) == rounds, "rounds": done})
+
+
 def cli_udp_echo(host, port, sizes, bind_port=0):
     """For each size: send a distinct datagram, expect it back byte-identical from HOST:PORT."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -711,6 +741,7 @@ COMMANDS = {
     "rst": cli_rst,
     "abort": cli_abort,
     "echo-many": cli_echo_many,
+    "echo-rounds": cli_echo_rounds,
     "udp-refused": cli_udp_refused,
     "craft": cli_craft,
     "tap-bridge": tap_bridge,

@@ -8,6 +8,7 @@
 
 mod forward;
 mod icmp;
+mod inbox;
 mod tcp;
 mod udp;
 mod uplink;
@@ -124,6 +125,8 @@ pub struct FlowCounters {
     pub drop_send_failed: AtomicU64,
     /// Packets dropped: limits reached.
     pub drop_limit: AtomicU64,
+    /// TCP: idle connections' buffers returned to the kernel.
+    pub buffers_released: AtomicU64,
 }
 
 /// A snapshot of [`FlowCounters`].
@@ -151,6 +154,8 @@ pub struct FlowStats {
     pub drop_send_failed: u64,
     /// Packets dropped: limits reached.
     pub drop_limit: u64,
+    /// TCP: idle connections' buffers returned to the kernel.
+    pub buffers_released: u64,
 }
 
 impl FlowCounters {
@@ -177,6 +182,7 @@ impl FlowCounters {
             drop_queue_full: g(&self.drop_queue_full),
             drop_send_failed: g(&self.drop_send_failed),
             drop_limit: g(&self.drop_limit),
+            buffers_released: g(&self.buffers_released),
         }
     }
 }
@@ -240,7 +246,7 @@ pub(crate) struct Shared {
     pub(crate) tcp_counters: FlowCounters,
     pub(crate) udp_counters: FlowCounters,
     pub(crate) icmp_counters: IcmpCounters,
-    pub(crate) tcp_flows: Mutex<HashMap<tcp::Key, (u64, tokio::sync::mpsc::Sender<Bytes>)>>,
+    pub(crate) tcp_flows: Mutex<HashMap<tcp::Key, (u64, inbox::Sender)>>,
     pub(crate) udp_flows: Mutex<HashMap<udp::Key, udp::FlowHandle>>,
     pub(crate) icmp: icmp::Pinger,
     /// Forwarded UDP flows: the guest-side key -> the host client and its forward's inbox.

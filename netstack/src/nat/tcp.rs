@@ -25,8 +25,8 @@ use smoltcp::wire::{
 };
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
-use tokio::sync::mpsc;
 
+use super::inbox::{self, TrySendError};
 use super::{FlowCounters, Shared};
 use crate::frame::{write_ipv4, IPV4_HEADER_LEN};
 use crate::MacAddr;
@@ -58,11 +58,11 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
     if let Some((_, inbox)) = flows.get(&key) {
         match inbox.try_send(packet) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 FlowCounters::inc(&c.drop_queue_full);
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(p)) => {
+            Err(TrySendError::Closed(p)) => {
                 // The task has just ended; treat the segment as for no connection.
                 flows.remove(&key);
                 drop(flows);
@@ -98,7 +98,7 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
         return reset(shared, src_mac, &packet);
     };
     let target = SocketAddr::V4(target);
-    let (tx, rx) = mpsc::channel(INBOX);
+    let (tx, rx) = inbox::channel(INBOX);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     flows.insert(key, (id, tx));
     drop(flows);
@@ -232,42 +232,12 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
 }
 
 impl Conn {
-    async fn run(self, target: SocketAddr, syn: Bytes, mut inbox: mpsc::Receiver<Bytes>) {
+    async fn run(self, target: SocketAddr, syn: Bytes, mut inbox: inbox::Receiver) {
         let c = &self.shared.tcp_counters;
-        let timeout = self.shared.config.tcp_connect_timeout;
-        let connecting = tokio::time::timeout(timeout, connect(&self.shared, target));
-        tokio::pin!(connecting);
-        let result = loop {
-            tokio::select! {
-                r = &mut connecting => break r,
-                p = inbox.recv() => match p {
-                    None => {
-                        FlowCounters::dec(&c.connecting);
-                        return;
-                    }
-                    // The guest gave up on the connect.
-                    Some(p) if parse(&p).is_some_and(|(_, f)| f.rst) => {
-                        FlowCounters::dec(&c.connecting);
-                        FlowCounters::inc(&c.refused);
-                        return;
-                    }
-                    Some(_) => {} // a retransmitted SYN: still connecting
-                }
-            }
-        };
-        FlowCounters::dec(&c.connecting);
-        let stream = match result {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!("{} -> {target}: {e}", self.key.guest);
-                FlowCounters::inc(&c.refused);
-                return reset(&self.shared, self.mac, &syn);
-            }
-            Err(_) => {
-                tracing::debug!("{} -> {target}: connect timed out", self.key.guest);
-                FlowCounters::inc(&c.refused);
-                return reset(&self.shared, self.mac, &syn);
-            }
+        // In a function of its own, so that the task's future holds the connect's state or
+        // the relay's, never both.
+        let Some(stream) = self.establish(target, &syn, &mut inbox).await else {
+            return;
         };
         FlowCounters::inc(&c.opened);
         FlowCounters::inc(&c.open);
@@ -278,20 +248,65 @@ impl Conn {
         FlowCounters::inc(&c.closed);
     }
 
+    /// Connect to `target` while the guest's SYN waits: the host stream, or None when the
+    /// connect failed (the guest got a RST) or the guest gave up.
+    async fn establish(
+        &self,
+        target: SocketAddr,
+        syn: &[u8],
+        inbox: &mut inbox::Receiver,
+    ) -> Option<TcpStream> {
+        let c = &self.shared.tcp_counters;
+        let timeout = self.shared.config.tcp_connect_timeout;
+        let connecting = tokio::time::timeout(timeout, connect(&self.shared, target));
+        tokio::pin!(connecting);
+        let mut early = VecDeque::new();
+        let result = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                more = inbox.recv_all(&mut early) => {
+                    if !more {
+                        FlowCounters::dec(&c.connecting);
+                        return None;
+                    }
+                    // The guest gave up on the connect.
+                    if early.drain(..).any(|p| parse(&p).is_some_and(|(_, f)| f.rst)) {
+                        FlowCounters::dec(&c.connecting);
+                        FlowCounters::inc(&c.refused);
+                        return None;
+                    }
+                    // Otherwise retransmitted SYNs: still connecting.
+                }
+            }
+        };
+        FlowCounters::dec(&c.connecting);
+        match result {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::debug!("{} -> {target}: {e}", self.key.guest);
+                FlowCounters::inc(&c.refused);
+                reset(&self.shared, self.mac, syn);
+                None
+            }
+            Err(_) => {
+                tracing::debug!("{} -> {target}: connect timed out", self.key.guest);
+                FlowCounters::inc(&c.refused);
+                reset(&self.shared, self.mac, syn);
+                None
+            }
+        }
+    }
+
     /// Carry the connection until both sides are done.
     async fn relay<S: HostStream>(
         &self,
         stream: S,
         opening: Opening,
-        inbox: &mut mpsc::Receiver<Bytes>,
+        inbox: &mut inbox::Receiver,
     ) -> io::Result<()> {
         let shared = &self.shared;
         let c = &shared.tcp_counters;
-        let mut dev = GuestLink {
-            rx: VecDeque::new(),
-            shared,
-            mac: self.mac,
-        };
+        let mut dev = GuestLink::new(shared, self.mac);
         let mut iface = guest_interface(shared, &self.key, &mut dev);
         let buffers = Buffers::new(shared.config.tcp_buffer)?;
         // SAFETY: `buffers` is declared before `sockets`, so it outlives the socket.
@@ -319,7 +334,7 @@ impl Conn {
                     .map_err(|e| io::Error::other(format!("connect: {e}")))?;
             }
         }
-        let mut sockets = SocketSet::new(Vec::new());
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
         let handle = sockets.add(socket);
         let mut established = false;
         let mut guest_fin = false; // the guest closed its side gracefully
@@ -418,8 +433,17 @@ impl Conn {
             }
             let empty = sock.send_queue() == 0;
             if dirty && empty && last_activity.elapsed() >= RELEASE_AFTER {
-                buffers.release();
-                dirty = false;
+                // The receive half only when nothing is queued in it, in order or not.
+                let rx_too = sock.recv_queue() == 0 && dev.all_acked();
+                buffers.release(rx_too);
+                inbox.shrink();
+                dev.rx = VecDeque::new();
+                if rx_too {
+                    FlowCounters::inc(&c.buffers_released);
+                    dirty = false;
+                } else {
+                    last_activity = tokio::time::Instant::now(); // try again later
+                }
             }
             let want_read = host_read_open && sock.can_send();
             let want_write = host_write_open && sock.can_recv();
@@ -432,16 +456,7 @@ impl Conn {
             }
             let sleep = tokio::time::sleep(wake);
             tokio::select! {
-                p = inbox.recv() => match p {
-                    Some(p) => {
-                        dev.rx.push_back(p);
-                        while let Ok(p) = inbox.try_recv() {
-                            dev.rx.push_back(p);
-                            if dev.rx.len() >= 64 { break; }
-                        }
-                    }
-                    None => return Ok(()),
-                },
+                more = inbox.recv_all(&mut dev.rx) => if !more { return Ok(()) },
                 r = stream.readable(), if want_read => r?,
                 w = stream.writable(), if want_write => w?,
                 _ = sleep => {}
@@ -512,18 +527,20 @@ impl Buffers {
         socket
     }
 
-    /// Return the transmit half's pages to the kernel. Only while the transmit buffer is
-    /// empty (`send_queue() == 0`: everything sent was acknowledged).
-    fn release(&self) {
+    /// Return the transmit half's pages to the kernel, and the receive half's with
+    /// `rx_too`. Only while the transmit buffer is empty (`send_queue() == 0`: everything
+    /// sent was acknowledged) and, for the receive half, while it holds nothing, neither
+    /// queued (`recv_queue() == 0`) nor out of order ([`GuestLink::all_acked`]).
+    fn release(&self, rx_too: bool) {
+        let (start, len) = if rx_too {
+            (self.ptr, 2 * self.size)
+        } else {
+            // SAFETY: the transmit half starts `size` bytes into the mapping.
+            (unsafe { self.ptr.add(self.size) }, self.size)
+        };
         // SAFETY: our own mapping; MADV_DONTNEED makes it read back as zeroes, which an empty
         // ring buffer does not look at.
-        unsafe {
-            libc::madvise(
-                self.ptr.add(self.size).cast(),
-                self.size,
-                libc::MADV_DONTNEED,
-            )
-        };
+        unsafe { libc::madvise(start.cast(), len, libc::MADV_DONTNEED) };
     }
 }
 
@@ -545,10 +562,7 @@ fn endpoint(a: SocketAddrV4) -> IpListenEndpoint {
 }
 
 /// Reserve a gateway port for a connection into `guest` and register its inbox.
-fn reserve_inbound(
-    shared: &Shared,
-    guest: SocketAddrV4,
-) -> Option<(Key, u64, mpsc::Receiver<Bytes>)> {
+fn reserve_inbound(shared: &Shared, guest: SocketAddrV4) -> Option<(Key, u64, inbox::Receiver)> {
     let mut flows = shared.tcp_flows.lock().unwrap();
     for _ in 0..FORWARD_PORTS.len() {
         let mut port = NEXT_FORWARD_PORT.fetch_add(1, Ordering::Relaxed);
@@ -561,7 +575,7 @@ fn reserve_inbound(
             dst: SocketAddrV4::new(shared.config.host_ip, port),
         };
         if let std::collections::hash_map::Entry::Vacant(slot) = flows.entry(key) {
-            let (tx, rx) = mpsc::channel(INBOX);
+            let (tx, rx) = inbox::channel(INBOX);
             let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
             slot.insert((id, tx));
             return Some((key, id, rx));
@@ -587,11 +601,7 @@ pub(crate) async fn probe(
         id,
         mac,
     };
-    let mut dev = GuestLink {
-        rx: VecDeque::new(),
-        shared,
-        mac,
-    };
+    let mut dev = GuestLink::new(shared, mac);
     let mut iface = guest_interface(shared, &key, &mut dev);
     let buffers = match Buffers::new(4096) {
         Ok(b) => b,
@@ -606,7 +616,7 @@ pub(crate) async fn probe(
     {
         return false;
     }
-    let mut sockets = SocketSet::new(Vec::new());
+    let mut sockets = SocketSet::new(Vec::with_capacity(1));
     let handle = sockets.add(socket);
     let deadline = tokio::time::Instant::now() + timeout;
     let accepted = loop {
@@ -621,10 +631,7 @@ pub(crate) async fn probe(
             .map(Duration::from)
             .unwrap_or(Duration::from_secs(1));
         tokio::select! {
-            p = inbox.recv() => match p {
-                Some(p) => dev.rx.push_back(p),
-                None => break false,
-            },
+            more = inbox.recv_all(&mut dev.rx) => if !more { break false },
             _ = tokio::time::sleep(delay) => {}
             _ = tokio::time::sleep_until(deadline) => break false,
         }
@@ -721,6 +728,59 @@ struct GuestLink<'a> {
     rx: VecDeque<Bytes>,
     shared: &'a Shared,
     mac: MacAddr,
+    /// Sequence number just past the last data byte any segment from the guest carried.
+    guest_end: Option<u32>,
+    /// Acknowledgement number of the last segment sent to the guest.
+    acked: Option<u32>,
+}
+
+impl<'a> GuestLink<'a> {
+    fn new(shared: &'a Shared, mac: MacAddr) -> GuestLink<'a> {
+        GuestLink {
+            rx: VecDeque::new(),
+            shared,
+            mac,
+            guest_end: None,
+            acked: None,
+        }
+    }
+
+    /// Everything the guest sent has been acknowledged in order, so smoltcp's assembler
+    /// holds no out-of-order data in the receive buffer (it only ever holds bytes the guest
+    /// sent past the acknowledgement point).
+    fn all_acked(&self) -> bool {
+        acked_through(self.guest_end, self.acked)
+    }
+}
+
+/// Does acknowledgement `acked` cover every byte up to `guest_end` (sequence numbers
+/// compared modulo 2^32)?
+fn acked_through(guest_end: Option<u32>, acked: Option<u32>) -> bool {
+    match (guest_end, acked) {
+        (None, _) => true,
+        (Some(end), Some(ack)) => ack.wrapping_sub(end) as i32 >= 0,
+        (Some(_), None) => false,
+    }
+}
+
+/// (sequence number, payload length) of the TCP segment in IPv4 `packet`.
+fn segment_data(packet: &[u8]) -> Option<(u32, usize)> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    let tcp = packet.get(ihl..total.min(packet.len()))?;
+    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
+    let doff = usize::from(*tcp.get(12)? >> 4) * 4;
+    Some((seq, tcp.len().checked_sub(doff)?))
+}
+
+/// The acknowledgement number of the TCP segment in IPv4 `packet`, if it has ACK set.
+fn segment_ack(packet: &[u8]) -> Option<u32> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let tcp = packet.get(ihl..)?;
+    if tcp.get(13)? & 0x10 == 0 {
+        return None;
+    }
+    Some(u32::from_be_bytes(tcp.get(8..12)?.try_into().ok()?))
 }
 
 impl Device for GuestLink<'_> {
@@ -735,11 +795,22 @@ impl Device for GuestLink<'_> {
 
     fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
+        if let Some((seq, len)) = segment_data(&packet) {
+            let end = seq.wrapping_add(len as u32);
+            let later = match self.guest_end {
+                Some(e) => end.wrapping_sub(e) as i32 > 0,
+                None => true,
+            };
+            if len > 0 && later {
+                self.guest_end = Some(end);
+            }
+        }
         Some((
             RxToken(packet),
             TxToken {
                 shared: self.shared,
                 mac: self.mac,
+                acked: &mut self.acked,
             },
         ))
     }
@@ -748,6 +819,7 @@ impl Device for GuestLink<'_> {
         Some(TxToken {
             shared: self.shared,
             mac: self.mac,
+            acked: &mut self.acked,
         })
     }
 
@@ -771,14 +843,70 @@ impl phy::RxToken for RxToken {
 struct TxToken<'a> {
     shared: &'a Shared,
     mac: MacAddr,
+    acked: &'a mut Option<u32>,
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut result = None;
-        self.shared
-            .uplink
-            .send_with(self.mac, len, |b| result = Some(f(b)));
+        let acked = self.acked;
+        self.shared.uplink.send_with(self.mac, len, |b| {
+            result = Some(f(b));
+            if let Some(ack) = segment_ack(b) {
+                *acked = Some(ack);
+            }
+        });
         result.expect("send_with calls its writer")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 packet with a TCP header (no options) and `payload` bytes.
+    fn segment(seq: u32, ack: Option<u32>, payload: usize) -> Vec<u8> {
+        let total = 20 + 20 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[9] = 6;
+        let t = &mut p[20..];
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[12] = 5 << 4;
+        if let Some(a) = ack {
+            t[8..12].copy_from_slice(&a.to_be_bytes());
+            t[13] = 0x10;
+        }
+        p
+    }
+
+    #[test]
+    fn segment_fields() {
+        assert_eq!(segment_data(&segment(7, None, 100)), Some((7, 100)));
+        assert_eq!(segment_ack(&segment(7, Some(99), 0)), Some(99));
+        assert_eq!(segment_ack(&segment(7, None, 0)), None);
+        // Truncated or lying headers give nothing rather than a panic.
+        let mut lying = segment(7, None, 10);
+        lying[32] = 15 << 4; // data offset 60 > what is there
+        assert_eq!(segment_data(&lying), None);
+        assert_eq!(segment_data(&[0x45, 0, 0]), None);
+        assert_eq!(segment_ack(&[0x4f]), None);
+    }
+
+    #[test]
+    fn all_acked_compares_sequence_numbers_modulo() {
+        assert!(acked_through(None, None));
+        assert!(acked_through(Some(100), Some(100)));
+        assert!(
+            !acked_through(Some(101), Some(100)),
+            "a byte past the ack: out of order data"
+        );
+        assert!(!acked_through(Some(5), None));
+        assert!(
+            acked_through(Some(u32::MAX - 10), Some(20)),
+            "across the wrap"
+        );
+        assert!(!acked_through(Some(20), Some(u32::MAX - 10)));
     }
 }
