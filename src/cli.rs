@@ -61,6 +61,10 @@ pub struct Cli {
     /// Example: --tap eth0
     #[arg(long, value_name = "NAME", help_heading = "Transports")]
     pub tap: Vec<String>,
+    /// Serve tap devices without segmentation offload: every frame fits the MTU (by default
+    /// TCP to a tap guest goes in segments of up to 64 KiB that its kernel takes whole).
+    #[arg(long, help_heading = "Transports")]
+    pub no_offload: bool,
 
     /// A YAML file with plan keys (subnet, host-ip, ...), or a Lima networks.yaml.
     /// Example: --config ~/.lima/_config/networks.yaml --network user-v2
@@ -266,6 +270,8 @@ pub enum TransportSpec {
         netns: PathBuf,
         /// The device name.
         name: String,
+        /// Exchange large TCP segments with the kernel (virtio-net headers).
+        offload: bool,
     },
 }
 
@@ -316,6 +322,7 @@ impl Cli {
             t.push(TransportSpec::Tap {
                 netns: netns.clone(),
                 name,
+                offload: !self.no_offload,
             });
         }
         t

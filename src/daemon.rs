@@ -272,7 +272,11 @@ async fn start_transports(
                 let owned = unsafe { OwnedFd::from_raw_fd(*n) };
                 fd::adopt(switch, owned, format!("fd {n}")).with_context(|| format!("fd {n}"))?;
             }
-            TransportSpec::Tap { netns, name } => tap::start(switch, netns, name, plan.mtu)?,
+            TransportSpec::Tap {
+                netns,
+                name,
+                offload,
+            } => tap::start(switch, netns, name, plan.mtu, *offload)?,
         }
     }
     Ok(())

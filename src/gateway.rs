@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use netstack::nat::{Nat, NatConfig};
+use netstack::nat::{LargeSegments, Nat, NatConfig};
 use netstack::{Gateway, GatewayConfig, L2Dest, Output, UdpDatagram};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -150,8 +150,12 @@ pub fn nat_config(plan: &Plan) -> NatConfig {
 
 /// Attach the gateway to `switch` and run it.
 pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayHandle {
-    let (port, rx) = switch.attach("gateway");
+    // Large: the NAT sends TCP segments of up to 64 KiB to guests whose port takes them.
+    let (port, rx) = switch.attach_large("gateway");
     switch.pin_mac(&port, plan.gateway_mac);
+    let mut nat_config = setup.nat.clone();
+    let sw = Arc::clone(switch);
+    nat_config.large_segments = Some(LargeSegments(Arc::new(move |mac| sw.takes_large(mac))));
     let gateway = Gateway::new(GatewayConfig {
         mac: plan.gateway_mac,
         host_ip: plan.host_ip,
@@ -162,10 +166,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         prefix: plan.subnet.prefix_len(),
     });
     let sink_port = port.clone();
-    let nat = Nat::new(
-        setup.nat.clone(),
-        Arc::new(move |f: Bytes| sink_port.send(f)),
-    );
+    let nat = Nat::new(nat_config, Arc::new(move |f: Bytes| sink_port.send(f)));
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
     let lease_file = setup.lease_file.clone();

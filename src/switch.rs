@@ -6,6 +6,11 @@
 //! announces itself by ARP or DHCP before anyone unicasts to it). Entries age out. Each port has
 //! a bounded queue: a port that does not keep up loses frames (counted), it never stalls the
 //! others. The switch does not parse anything above the Ethernet header.
+//!
+//! Ports that segment TCP themselves (a tap with segmentation offload) are attached with
+//! [`Switch::attach_large`]: they may send and receive frames of up to 64 KiB (one large TCP
+//! segment, cut to the MTU by the kernel behind the port); every other port gets frames of
+//! at most MTU + 14 bytes, and larger ones for it are dropped as oversize.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +44,10 @@ pub struct SwitchCounters {
     pub bytes_out: AtomicU64,
     /// Frames shorter than an Ethernet header.
     pub drop_runt: AtomicU64,
-    /// Frames longer than MTU + 14.
+    /// Frames longer than MTU + 14 (from or to a port that takes no large frames).
     pub drop_oversize: AtomicU64,
+    /// Frames longer than MTU + 14 carried between ports that take them (large segments).
+    pub large_frames: AtomicU64,
     /// Frames to a unicast MAC that no port has shown.
     pub drop_unknown_unicast: AtomicU64,
     /// Frames from a multicast/broadcast source MAC.
@@ -65,7 +72,13 @@ impl SwitchCounters {
 struct Port {
     name: String,
     tx: mpsc::Sender<Bytes>,
+    /// Takes (and may send) frames of up to [`LARGE_FRAME`] bytes.
+    large: bool,
 }
+
+/// The largest frame between ports that take large frames: a 64 KiB IP packet and its
+/// Ethernet header.
+pub const LARGE_FRAME: usize = 65535 + 14;
 
 #[derive(Default)]
 struct State {
@@ -93,6 +106,7 @@ pub struct PortRx {
 #[derive(Clone)]
 pub struct PortTx {
     id: PortId,
+    large: bool,
     switch: Arc<Switch>,
 }
 
@@ -129,8 +143,25 @@ impl Switch {
 
     /// Attach a new port named `name` (for logs).
     pub fn attach(self: &Arc<Self>, name: impl Into<String>) -> (PortTx, PortRx) {
+        self.attach_port(name.into(), false)
+    }
+
+    /// Attach a port that takes and sends frames of up to [`LARGE_FRAME`] bytes.
+    pub fn attach_large(self: &Arc<Self>, name: impl Into<String>) -> (PortTx, PortRx) {
+        self.attach_port(name.into(), true)
+    }
+
+    /// Does the port where `mac` lives take large frames?
+    pub fn takes_large(&self, mac: MacAddr) -> bool {
+        let st = self.state.lock().unwrap();
+        st.macs
+            .get(&mac)
+            .and_then(|(id, _)| st.ports.get(id))
+            .is_some_and(|p| p.large)
+    }
+
+    fn attach_port(self: &Arc<Self>, name: String, large: bool) -> (PortTx, PortRx) {
         let (tx, rx) = mpsc::channel(PORT_QUEUE);
-        let name = name.into();
         let id = {
             let mut st = self.state.lock().unwrap();
             st.next_id += 1;
@@ -140,6 +171,7 @@ impl Switch {
                 Port {
                     name: name.clone(),
                     tx,
+                    large,
                 },
             );
             id
@@ -149,6 +181,7 @@ impl Switch {
         (
             PortTx {
                 id,
+                large,
                 switch: Arc::clone(self),
             },
             PortRx { frames: rx },
@@ -170,17 +203,23 @@ impl Switch {
         }
     }
 
-    fn forward(&self, from: PortId, frame: Bytes) {
-        self.forward_at(from, frame, Instant::now())
+    fn forward(&self, from: PortId, from_large: bool, frame: Bytes) {
+        self.forward_at(from, from_large, frame, Instant::now())
     }
 
-    fn forward_at(&self, from: PortId, frame: Bytes, now: Instant) {
+    fn forward_at(&self, from: PortId, from_large: bool, frame: Bytes, now: Instant) {
         let c = &self.counters;
         if frame.len() < 14 {
             SwitchCounters::bump(&c.drop_runt);
             return;
         }
-        if frame.len() > self.max_frame {
+        if frame.len()
+            > if from_large {
+                LARGE_FRAME
+            } else {
+                self.max_frame
+            }
+        {
             SwitchCounters::bump(&c.drop_oversize);
             return;
         }
@@ -214,7 +253,7 @@ impl Switch {
         if dst[0] & 1 == 1 {
             for (id, port) in st.ports.iter() {
                 if *id != from {
-                    Self::enqueue(c, port, frame.clone());
+                    self.enqueue(port, frame.clone());
                 }
             }
             return;
@@ -224,7 +263,7 @@ impl Switch {
             _ => None,
         };
         match target.and_then(|id| st.ports.get(&id).map(|p| (id, p))) {
-            Some((id, port)) if id != from => Self::enqueue(c, port, frame),
+            Some((id, port)) if id != from => self.enqueue(port, frame),
             Some(_) => {} // to itself: a switch drops it
             None => {
                 st.macs.remove(&dst);
@@ -233,7 +272,15 @@ impl Switch {
         }
     }
 
-    fn enqueue(c: &SwitchCounters, port: &Port, frame: Bytes) {
+    fn enqueue(&self, port: &Port, frame: Bytes) {
+        let c = &self.counters;
+        if frame.len() > self.max_frame {
+            if !port.large {
+                SwitchCounters::bump(&c.drop_oversize);
+                return;
+            }
+            SwitchCounters::bump(&c.large_frames);
+        }
         let len = frame.len() as u64;
         match port.tx.try_send(frame) {
             Ok(()) => {
@@ -253,7 +300,7 @@ impl PortTx {
 
     /// A frame entered the switch from this port.
     pub fn send(&self, frame: Bytes) {
-        self.switch.forward(self.id, frame);
+        self.switch.forward(self.id, self.large, frame);
     }
 
     /// Count a framing error seen by this port's transport.
@@ -322,9 +369,10 @@ mod tests {
         let (pb, _rb) = sw.attach("b");
         let (pc, mut rc) = sw.attach("c");
         let t0 = Instant::now();
-        sw.forward_at(pa.id(), frame([0xff; 6], A), t0);
+        sw.forward_at(pa.id(), false, frame([0xff; 6], A), t0);
         sw.forward_at(
             pb.id(),
+            false,
             frame(A, B),
             t0 + MAC_AGING + Duration::from_secs(1),
         );
@@ -333,11 +381,50 @@ mod tests {
             "an aged-out MAC still got unicast"
         );
         // A moves to port c (a VM restarted on another connection).
-        sw.forward_at(pc.id(), frame([0xff; 6], A), t0);
-        sw.forward_at(pb.id(), frame(A, B), t0);
+        sw.forward_at(pc.id(), false, frame([0xff; 6], A), t0);
+        sw.forward_at(pb.id(), false, frame(A, B), t0);
         drain(&mut rc);
-        sw.forward_at(pb.id(), frame(A, B), t0);
+        sw.forward_at(pb.id(), false, frame(A, B), t0);
         assert_eq!(drain(&mut rc).len(), 1);
+    }
+
+    #[test]
+    fn large_frames_only_between_ports_that_take_them() {
+        let sw = Switch::new(1500);
+        let (gw, _rgw) = sw.attach_large("gateway");
+        let (tap, mut rtap) = sw.attach_large("tap");
+        let (qemu, mut rqemu) = sw.attach("qemu");
+        tap.send(frame([0xff; 6], A));
+        qemu.send(frame([0xff; 6], B));
+        drain(&mut rtap);
+        drain(&mut rqemu);
+        assert!(sw.takes_large(A) && !sw.takes_large(B) && !sw.takes_large(C));
+        let big = |dst: MacAddr, src: MacAddr, n: usize| {
+            let mut f = frame(dst, src).to_vec();
+            f.resize(n, 0);
+            Bytes::from(f)
+        };
+        gw.send(big(A, C, LARGE_FRAME));
+        assert_eq!(
+            drain(&mut rtap).len(),
+            1,
+            "a large frame to a port that takes them"
+        );
+        gw.send(big(B, C, 1515));
+        assert!(
+            drain(&mut rqemu).is_empty(),
+            "a large frame to a port that does not"
+        );
+        qemu.send(big(A, B, 1515));
+        assert!(
+            drain(&mut rtap).is_empty(),
+            "a large frame from a port that may not send it"
+        );
+        gw.send(big(A, C, LARGE_FRAME + 1));
+        assert!(drain(&mut rtap).is_empty(), "over 64 KiB for anyone");
+        let c = sw.counters();
+        assert_eq!(c.large_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(c.drop_oversize.load(Ordering::Relaxed), 3);
     }
 
     #[test]

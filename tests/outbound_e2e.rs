@@ -223,8 +223,9 @@ fn bulk_both_ways(
     ));
 }
 
-fn bulk_test(test: &str, nbytes: u64, deadline: Duration, also_loopback: bool) {
-    let Some(rig) = rig(test, &[]) else {
+fn bulk_test(test: &str, nbytes: u64, deadline: Duration, also_loopback: bool, offload: bool) {
+    let extra: &[&str] = if offload { &[] } else { &["--no-offload"] };
+    let Some(rig) = rig(test, extra) else {
         return;
     };
     let n = nbytes.to_string();
@@ -267,8 +268,19 @@ fn bulk_test(test: &str, nbytes: u64, deadline: Duration, also_loopback: bool) {
                 && stat_u64(st, "tcp.open") == Some(0)
         },
     );
+    // With offload, what went to the guest crossed the tap in large segments.
+    let st = rig.daemon.stats();
+    let large = stat_u64(&st, "switch.large_frames").unwrap_or(0);
+    rig.check(
+        if offload { large > 0 } else { large == 0 },
+        format!(
+            "switch.large_frames should be {}: {st}",
+            if offload { "> 0" } else { "0" }
+        ),
+    );
 }
 
+/// Without segmentation offload on the tap (`--no-offload`): every frame fits the MTU.
 #[test]
 fn bulk_64mib_both_directions() {
     bulk_test(
@@ -276,6 +288,7 @@ fn bulk_64mib_both_directions() {
         64 << 20,
         Duration::from_secs(120),
         true,
+        false,
     );
 }
 
@@ -286,6 +299,7 @@ fn bulk_1gib_both_directions() {
         1 << 30,
         Duration::from_secs(240),
         false,
+        true,
     );
 }
 

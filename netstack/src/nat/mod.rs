@@ -59,6 +59,20 @@ pub struct NatConfig {
     /// Where TCP to the DNS address port 53 goes (the DNS server's TCP listener); refused
     /// when `None`.
     pub dns_tcp: Option<SocketAddrV4>,
+    /// Which guests take TCP segments larger than the MTU (their port segments them, like a
+    /// tap with segmentation offload): their connections send segments of up to 64 KiB.
+    /// `None`: every segment fits the MTU.
+    pub large_segments: Option<LargeSegments>,
+}
+
+/// Answers whether frames to a guest MAC may carry TCP segments of up to 64 KiB.
+#[derive(Clone)]
+pub struct LargeSegments(pub Arc<dyn Fn(MacAddr) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for LargeSegments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LargeSegments(..)")
+    }
 }
 
 impl NatConfig {
@@ -87,6 +101,7 @@ impl NatConfig {
             tcp_buffer: 512 * 1024,
             udp_timeout: Duration::from_secs(180),
             dns_tcp: None,
+            large_segments: None,
         }
     }
 }

@@ -732,16 +732,24 @@ struct GuestLink<'a> {
     guest_end: Option<u32>,
     /// Acknowledgement number of the last segment sent to the guest.
     acked: Option<u32>,
+    /// The guest's port takes segments of up to 64 KiB (segmentation offload): smoltcp sends
+    /// them, and sees the guest's MSS raised to match.
+    large: bool,
 }
+
+/// The IP MTU of a connection whose guest takes large segments.
+const LARGE_MTU: usize = 65535;
 
 impl<'a> GuestLink<'a> {
     fn new(shared: &'a Shared, mac: MacAddr) -> GuestLink<'a> {
+        let large = (shared.config.large_segments.as_ref()).is_some_and(|f| (f.0)(mac));
         GuestLink {
             rx: VecDeque::new(),
             shared,
             mac,
             guest_end: None,
             acked: None,
+            large,
         }
     }
 
@@ -773,6 +781,51 @@ fn segment_data(packet: &[u8]) -> Option<(u32, usize)> {
     Some((seq, tcp.len().checked_sub(doff)?))
 }
 
+/// A SYN in IPv4 `packet` with its MSS option raised to `mss` (checksum updated), or None
+/// when it is no SYN, has no MSS option or one already as large.
+fn raise_mss(packet: &[u8], mss: u16) -> Option<Bytes> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let tcp = packet.get(ihl..)?;
+    if tcp.get(13)? & 0x02 == 0 {
+        return None;
+    }
+    let doff = usize::from(*tcp.get(12)? >> 4) * 4;
+    let options = tcp.get(20..doff)?;
+    let mut i = 0;
+    while i < options.len() {
+        match options[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*options.get(i + 1)?);
+                if len < 2 {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    let old = u16::from_be_bytes([*options.get(i + 2)?, *options.get(i + 3)?]);
+                    if old >= mss {
+                        return None;
+                    }
+                    let at = ihl + 20 + i + 2;
+                    let mut out = packet.to_vec();
+                    out[at..at + 2].copy_from_slice(&mss.to_be_bytes());
+                    // RFC 1624: HC' = ~(~HC + ~m + m').
+                    let c = ihl + 16;
+                    let hc = u16::from_be_bytes([out[c], out[c + 1]]);
+                    let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(mss);
+                    while sum > 0xffff {
+                        sum = (sum & 0xffff) + (sum >> 16);
+                    }
+                    out[c..c + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                    return Some(Bytes::from(out));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
 /// The acknowledgement number of the TCP segment in IPv4 `packet`, if it has ACK set.
 fn segment_ack(packet: &[u8]) -> Option<u32> {
     let ihl = usize::from(*packet.first()? & 0x0f) * 4;
@@ -794,7 +847,12 @@ impl Device for GuestLink<'_> {
         Self: 'b;
 
     fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
-        let packet = self.rx.pop_front()?;
+        let mut packet = self.rx.pop_front()?;
+        if self.large {
+            if let Some(raised) = raise_mss(&packet, (LARGE_MTU - 40) as u16) {
+                packet = raised;
+            }
+        }
         if let Some((seq, len)) = segment_data(&packet) {
             let end = seq.wrapping_add(len as u32);
             let later = match self.guest_end {
@@ -826,7 +884,11 @@ impl Device for GuestLink<'_> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.shared.uplink.mtu();
+        caps.max_transmission_unit = if self.large {
+            LARGE_MTU
+        } else {
+            self.shared.uplink.mtu()
+        };
         caps.checksum = ChecksumCapabilities::default();
         caps
     }
@@ -892,6 +954,70 @@ mod tests {
         assert_eq!(segment_data(&lying), None);
         assert_eq!(segment_data(&[0x45, 0, 0]), None);
         assert_eq!(segment_ack(&[0x4f]), None);
+    }
+
+    #[test]
+    fn raise_mss_keeps_the_checksum_valid() {
+        use smoltcp::wire::{
+            IpAddress, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+        };
+        let src = Ipv4Address::new(192, 168, 5, 15);
+        let dst = Ipv4Address::new(192, 168, 5, 2);
+        let mut repr = TcpRepr {
+            src_port: 40000,
+            dst_port: 80,
+            control: TcpControl::Syn,
+            seq_number: smoltcp::wire::TcpSeqNumber(12345),
+            ack_number: None,
+            window_len: 64240,
+            window_scale: Some(7),
+            max_seg_size: Some(1460),
+            sack_permitted: true,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let build = |repr: &TcpRepr| {
+            let mut p = vec![0u8; 20 + repr.buffer_len()];
+            let ip = Ipv4Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: smoltcp::wire::IpProtocol::Tcp,
+                payload_len: repr.buffer_len(),
+                hop_limit: 64,
+            };
+            let caps = smoltcp::phy::ChecksumCapabilities::default();
+            ip.emit(&mut Ipv4Packet::new_unchecked(&mut p[..]), &caps);
+            repr.emit(
+                &mut TcpPacket::new_unchecked(&mut p[20..]),
+                &IpAddress::Ipv4(src),
+                &IpAddress::Ipv4(dst),
+                &caps,
+            );
+            p
+        };
+        let syn = build(&repr);
+        let raised = raise_mss(&syn, 65495).expect("a SYN with MSS 1460 is raised");
+        let tcp = TcpPacket::new_checked(&raised[20..]).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)));
+        let parsed = TcpRepr::parse(
+            &tcp,
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            &smoltcp::phy::ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        assert_eq!(parsed.max_seg_size, Some(65495));
+        assert_eq!(parsed.window_scale, Some(7));
+        // Already large enough, no SYN, no MSS option, lying option lengths: left alone.
+        assert!(raise_mss(&raised, 65495).is_none());
+        repr.max_seg_size = None;
+        assert!(raise_mss(&build(&repr), 65495).is_none());
+        assert!(raise_mss(&segment(1, Some(1), 0), 65495).is_none());
+        let mut lying = syn.clone();
+        lying[41] = 0; // the first option's length
+        assert!(raise_mss(&lying, 65495).is_none());
+        assert!(raise_mss(&syn[..30], 65495).is_none());
     }
 
     #[test]
