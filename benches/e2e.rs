@@ -908,7 +908,11 @@ mod harness {
             .unwrap_or_else(|| default.to_string())
     }
 
+    /// A comma-separated list; `none` is the empty list.
     fn list(v: &str) -> Vec<String> {
+        if v.trim() == "none" {
+            return Vec::new();
+        }
         v.split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
@@ -1225,6 +1229,8 @@ mod harness {
         rig: &'a Rig,
         host: &'static str,
         stack_pid: u32,
+        /// The stack's own log (usernet writes its SIGUSR1 stats line there).
+        stack_log: PathBuf,
         log: PathBuf,
     }
 
@@ -1234,8 +1240,31 @@ mod harness {
         }
     }
 
-    /// One iperf3 run: a one-off server on S's 127.0.0.1, the client in G.
+    /// One iperf3 run, retried once when iperf3 reports it was interrupted by a signal: on a
+    /// shared machine someone's `pkill iperf3` (a namespace does not scope pkill) hits ours too.
     fn iperf(
+        ctx: &Ctx,
+        key: &'static str,
+        streams: u32,
+        reverse: bool,
+        udp: Option<u32>,
+    ) -> Metric {
+        let m = iperf_once(ctx, key, streams, reverse, udp);
+        match &m.value {
+            Err(e) if e.contains("interrupt - ") => {
+                progress(ctx.cfg, &format!("  {key}: {e}; retrying once"));
+                let mut again = iperf_once(ctx, key, streams, reverse, udp);
+                if let Value::Object(o) = &mut again.detail {
+                    o.insert("retried_after".into(), json!(e));
+                }
+                again
+            }
+            _ => m,
+        }
+    }
+
+    /// One iperf3 run: a one-off server on S's 127.0.0.1, the client in G.
+    fn iperf_once(
         ctx: &Ctx,
         key: &'static str,
         streams: u32,
@@ -1475,8 +1504,30 @@ mod harness {
             opener,
             holder,
             json!({ "connections": n, "open_seconds": opened_s, "stack_rss_kb": rss,
-                    "stack_cpu_seconds_idle_500ms": idle_cpu }),
+                    "stack_cpu_seconds_idle_500ms": idle_cpu, "usernet_stats": usernet_stats(ctx) }),
         ))
+    }
+
+    /// usernet's `usernet stats: {JSON}` line, asked for by SIGUSR1 (Null if none comes).
+    fn usernet_stats(ctx: &Ctx) -> Value {
+        let count = || {
+            fs::read_to_string(&ctx.stack_log)
+                .unwrap_or_default()
+                .matches("usernet stats: ")
+                .count()
+        };
+        let before = count();
+        // SAFETY: signalling the usernet process this bench started.
+        unsafe { libc::kill(ctx.stack_pid as i32, libc::SIGUSR1) };
+        if !proc::poll_until(Duration::from_secs(3), || count() > before) {
+            return Value::Null;
+        }
+        let text = fs::read_to_string(&ctx.stack_log).unwrap_or_default();
+        text.rsplit("usernet stats: ")
+            .next()
+            .and_then(|t| t.lines().next())
+            .and_then(|l| serde_json::from_str(l.trim()).ok())
+            .unwrap_or(Value::Null)
     }
 
     fn run_stack(cfg: &Config, stack: Stack, mtu: u32, rows: &mut Vec<Row>) {
@@ -1512,6 +1563,7 @@ mod harness {
             rig: &rig,
             host: stack.host_addr(),
             stack_pid: stack_bg.pid(),
+            stack_log: stack_bg.log.clone(),
             log: cfg.logs.join(format!("{}-{mtu}-servers.log", stack.name())),
         };
         let metrics = measure_all(&ctx, mtu);
@@ -1637,6 +1689,7 @@ echo "BENCH up-exit $?"
 nc "$host" "$(param down 0)" > /dev/null
 echo "BENCH down-exit $?"
 echo "BENCH done"
+sleep 30
 poweroff -f
 "#;
 
@@ -1931,7 +1984,12 @@ poweroff -f
         let mut ratios = Vec::new();
         let mut notes = Notes(Vec::new());
         let has_usernet = cfg.stacks.contains(&Stack::Usernet);
-        for &mtu in &cfg.mtus {
+        let mtus = if cfg.stacks.is_empty() {
+            &[][..]
+        } else {
+            &cfg.mtus[..]
+        };
+        for &mtu in mtus {
             let find = |stack: &str, variant: &str| {
                 rows.iter()
                     .find(|r| r.mtu == mtu && r.stack == stack && r.variant == variant)
