@@ -24,6 +24,7 @@ pub async fn collect(switch: &Switch, gw: &GatewayProbe) -> Value {
             "drop_runt": g(&c.drop_runt),
             "drop_oversize": g(&c.drop_oversize),
             "large_frames": g(&c.large_frames),
+            "large_frames_cut": g(&c.large_frames_cut),
             "drop_unknown_unicast": g(&c.drop_unknown_unicast),
             "drop_bad_source": g(&c.drop_bad_source),
             "drop_queue_full": g(&c.drop_queue_full),

@@ -46,8 +46,10 @@ pub struct SwitchCounters {
     pub drop_runt: AtomicU64,
     /// Frames longer than MTU + 14 (from or to a port that takes no large frames).
     pub drop_oversize: AtomicU64,
-    /// Frames longer than MTU + 14 carried between ports that take them (large segments).
+    /// Frames longer than MTU + 14 (large TCP segments) queued towards ports.
     pub large_frames: AtomicU64,
+    /// Of those, cut into MTU-sized segments for a port that takes no large frames.
+    pub large_frames_cut: AtomicU64,
     /// Frames to a unicast MAC that no port has shown.
     pub drop_unknown_unicast: AtomicU64,
     /// Frames from a multicast/broadcast source MAC.
@@ -275,11 +277,20 @@ impl Switch {
     fn enqueue(&self, port: &Port, frame: Bytes) {
         let c = &self.counters;
         if frame.len() > self.max_frame {
+            SwitchCounters::bump(&c.large_frames);
             if !port.large {
-                SwitchCounters::bump(&c.drop_oversize);
+                // Do for this port what segmentation offload would: cut it to the MTU.
+                match netstack::offload::segment_tcp4(&frame, self.max_frame - 14) {
+                    Some(segments) => {
+                        SwitchCounters::bump(&c.large_frames_cut);
+                        for s in segments {
+                            self.enqueue(port, s);
+                        }
+                    }
+                    None => SwitchCounters::bump(&c.drop_oversize),
+                }
                 return;
             }
-            SwitchCounters::bump(&c.large_frames);
         }
         let len = frame.len() as u64;
         match port.tx.try_send(frame) {
@@ -413,7 +424,7 @@ mod tests {
         gw.send(big(B, C, 1515));
         assert!(
             drain(&mut rqemu).is_empty(),
-            "a large frame to a port that does not"
+            "a large frame that is no IPv4 TCP segment to a port that takes no large frames"
         );
         qemu.send(big(A, B, 1515));
         assert!(
@@ -423,7 +434,8 @@ mod tests {
         gw.send(big(A, C, LARGE_FRAME + 1));
         assert!(drain(&mut rtap).is_empty(), "over 64 KiB for anyone");
         let c = sw.counters();
-        assert_eq!(c.large_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(c.large_frames.load(Ordering::Relaxed), 2);
+        assert_eq!(c.large_frames_cut.load(Ordering::Relaxed), 0);
         assert_eq!(c.drop_oversize.load(Ordering::Relaxed), 3);
     }
 

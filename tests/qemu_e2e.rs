@@ -534,3 +534,83 @@ fn mtu_65520_is_applied_and_256_mib_move_both_ways() {
         }
     }
 }
+
+/// A namespace guest on a tap (segmentation offload: it sends TCP in segments of up to
+/// 64 KiB) and a QEMU guest on a stream socket (no offload) on one daemon: the switch cuts the
+/// tap guest's large segments for the VM, and a 32 MiB stream each way arrives whole.
+#[test]
+fn tap_guest_large_segments_reach_a_vm_cut_to_its_mtu() {
+    let Some(env) = Env::require("tap_guest_large_segments_reach_a_vm_cut_to_its_mtu") else {
+        return;
+    };
+    const BIG: usize = 32 << 20;
+    const TAP_GUEST: &str = "192.168.5.30";
+    let mut s = Scene::new("qt");
+    let t = support::Netns::new("qt-g");
+    let tap_path = t.path();
+    let (netdev, api) = listen_qemu_scene(&mut s, &["--tap-netns", &tap_path]);
+    let up = support::poll_until(Duration::from_secs(10), || t.link_is_up("tap0"));
+    s.check(up, format!("tap0 in {} did not come up", t.name()));
+    t.ip_ok(&["addr", "add", &format!("{TAP_GUEST}/24"), "dev", "tap0"]);
+    let big = BIG.to_string();
+    let tool = support::nettool_path();
+    let mut servers = Vec::new();
+    for (args, port) in [
+        (vec!["tcp-source", "0.0.0.0", "9002", big.as_str()], 9002u16),
+        (vec!["tcp-sink", "0.0.0.0", "9001"], 9001),
+    ] {
+        let mut full = vec!["-u", tool.as_str()];
+        full.extend(args);
+        servers.push(support::BgProcess::spawn(t.exec("python3", &full)));
+        let ok = support::poll_until(Duration::from_secs(15), || {
+            support::listening(&t, 't', port)
+        });
+        s.check(
+            ok,
+            format!("nettool server on {TAP_GUEST}:{port} did not listen"),
+        );
+    }
+    let down_sha = {
+        let code = format!(
+            "import sys; sys.path.insert(0, {:?}); import nettool; print(nettool.gen_sha({BIG}))",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support")
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", &code])
+            .output()
+            .expect("python3 gen_sha");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let n = BIG / guest::BLOB_SIZE;
+    let up_sha = sha256_repeated(&s.file("www/blob"), n);
+    let spec = VmSpec::new("mixed", &mac(1), netdev)
+        .param("checks", "dhcp,http,bigdown,bigup")
+        .param("http", s.blob_url())
+        .param("sha", &s.blob_sha)
+        .param("bigdown", format!("{TAP_GUEST}:9002"))
+        .param("bigdownsha", &down_sha)
+        .param("bigup", format!("{TAP_GUEST}:9001"))
+        .param("bigupn", n)
+        .param("bigupsha", &up_sha);
+    let vm = s.start_vm(&env, spec);
+    s.wait_result(vm, "done", Duration::from_secs(300));
+    s.expect_checks(vm, &["dhcp", "http", "bigdown", "bigup"], &[]);
+    let (code, text) = s.api(&api, "GET", "/stats", None);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let cut = v["usernet"]["switch"]["large_frames_cut"]
+        .as_u64()
+        .unwrap_or(0);
+    s.check(
+        code == 200 && cut > 0,
+        format!("switch.large_frames_cut should be > 0 (the tap guest's segments cut for the VM): {text}"),
+    );
+    let _ = s.vm(vm).wait_exit(POWEROFF_DEADLINE);
+    let biggest = max_frame_len(&s.vms[vm].dir().join("guest.pcap"));
+    s.check(
+        biggest > 0 && biggest <= 1514,
+        format!(
+            "the VM's largest frame was {biggest} bytes: expected 1..=1514 on its 1500-byte link"
+        ),
+    );
+    drop(servers);
+}

@@ -16,6 +16,7 @@ mod icmp;
 pub mod ipv4frag;
 pub mod nat;
 mod neighbor;
+pub mod offload;
 
 pub use counters::Counters;
 pub use frame::{build_udp_frame, L2Dest};

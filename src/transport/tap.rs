@@ -6,8 +6,11 @@
 //! With offload (the default) the device carries a virtio-net header before each frame
 //! (`IFF_VNET_HDR`): TCP segments of up to 64 KiB go to the guest's kernel as one write with
 //! a GSO header (`gso_size` = what fits the MTU), which its stack takes whole, as it takes
-//! what GRO builds. The kernel is told we take no offloaded frames back (`TUNSETOFFLOAD` 0),
-//! so what the guest sends arrives as ordinary frames with their checksums.
+//! what GRO builds. The other way the kernel is told we take partial checksums and TCPv4
+//! segmentation (`TUNSETOFFLOAD` `TUN_F_CSUM | TUN_F_TSO4`): the guest sends TCP in segments
+//! of up to 64 KiB and computes no checksums; the reader completes each checksum
+//! (`NEEDS_CSUM`), so every frame entering the switch is whole and valid, and the switch cuts
+//! large segments for ports that do not take them.
 
 use std::ffi::CString;
 use std::io;
@@ -31,6 +34,26 @@ const IFF_VNET_HDR: libc::c_int = 0x4000;
 /// little-endian machines this runs on, which the kernel assumes for tap by default).
 const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+
+/// Make the frame after a virtio-net header `h` whole: complete its checksum when the header
+/// says it is partial. False for what we never enabled (other GSO types) or offsets that lie.
+fn accept_offloaded(h: &[u8], frame: &mut [u8]) -> bool {
+    if h[1] & !VIRTIO_NET_HDR_GSO_ECN != 0
+        && h[1] & !VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_TCPV4
+    {
+        return false;
+    }
+    if h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        let start = usize::from(u16::from_le_bytes([h[6], h[7]]));
+        let offset = usize::from(u16::from_le_bytes([h[8], h[9]]));
+        return netstack::offload::complete_checksum(frame, start, offset);
+    }
+    true
+}
 
 /// The virtio-net header for `frame` on a link of `mtu`: all zero for a frame that fits,
 /// a TCPv4 GSO header for a larger IPv4 TCP segment, None for any other large frame.
@@ -85,7 +108,11 @@ pub fn start(
 async fn serve(fd: Arc<AsyncFd<OwnedFd>>, port: PortTx, mut rx: PortRx, vnet: bool) {
     let mtu = port.switch().max_frame() - 14;
     let hdr = if vnet { VNET_HDR_LEN } else { 0 };
-    let max = port.switch().max_frame() + hdr;
+    let max = if vnet {
+        crate::switch::LARGE_FRAME + hdr
+    } else {
+        port.switch().max_frame()
+    };
     let reader = {
         let (fd, port) = (Arc::clone(&fd), port.clone());
         async move {
@@ -115,8 +142,11 @@ async fn serve(fd: Arc<AsyncFd<OwnedFd>>, port: PortTx, mut rx: PortRx, vnet: bo
                         // SAFETY: the kernel wrote n bytes.
                         unsafe { buf.set_len(n) };
                         let mut frame = buf.split_to(n);
-                        // No offload was enabled towards us: the header says nothing we need.
-                        let _ = frame.split_to(hdr);
+                        let h = frame.split_to(hdr);
+                        if vnet && !accept_offloaded(&h, &mut frame) {
+                            port.framing_error();
+                            continue;
+                        }
                         port.send(frame.freeze());
                     }
                     Err(e) => return e,
@@ -201,10 +231,10 @@ fn create_in_netns(netns: &Path, name: &str, mtu: u16, vnet: bool) -> io::Result
         if vnet {
             let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
             // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, TUNSETOFFLOAD an unsigned
-            // long by value (0: we take no checksum or segmentation offload).
+            // long by value (what we take from the kernel: partial checksums, TCPv4 GSO).
             unsafe {
                 if libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) < 0
-                    || libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, 0 as libc::c_ulong) < 0
+                    || libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, TUN_F_CSUM | TUN_F_TSO4) < 0
                 {
                     return Err(io::Error::last_os_error());
                 }
@@ -281,5 +311,27 @@ mod tests {
         udp[14 + 9] = 17;
         assert_eq!(vnet_header(&udp, 1500), None);
         assert_eq!(vnet_header(&[0u8; 1600], 1500), None);
+    }
+
+    #[test]
+    fn offloaded_frames_are_completed_or_refused() {
+        let mut f = tcp_frame(100);
+        let mut h = [0u8; VNET_HDR_LEN];
+        assert!(accept_offloaded(&h, &mut f), "no offload: taken as is");
+        h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        h[6..8].copy_from_slice(&34u16.to_le_bytes());
+        h[8..10].copy_from_slice(&16u16.to_le_bytes());
+        assert!(accept_offloaded(&h, &mut f));
+        assert_ne!(f[34 + 16..34 + 18], [0, 0], "the checksum was filled in");
+        h[8..10].copy_from_slice(&60000u16.to_le_bytes());
+        assert!(
+            !accept_offloaded(&h, &mut f),
+            "a checksum offset past the frame"
+        );
+        h[0] = 0;
+        h[1] = VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN;
+        assert!(accept_offloaded(&h, &mut f));
+        h[1] = 4; // TCPv6 GSO, never enabled
+        assert!(!accept_offloaded(&h, &mut f));
     }
 }

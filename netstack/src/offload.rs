@@ -1,0 +1,258 @@
+//! What a NIC with checksum and segmentation offload does, in software, for the ports that
+//! exchange offloaded frames (a tap with virtio-net headers) and the ports that do not:
+//! completing a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`) and cutting a large TCP
+//! segment over IPv4 into segments that fit the MTU (GSO).
+
+use bytes::Bytes;
+
+/// The one's complement sum of `data` as big-endian 16-bit words (odd length: a zero byte
+/// padded), folded to 16 bits, not complemented.
+pub fn ones_sum(data: &[u8]) -> u16 {
+    let mut acc: u64 = 0;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes(c.try_into().unwrap());
+        let (s, carry) = acc.overflowing_add(v);
+        acc = s + u64::from(carry);
+    }
+    let rem = chunks.remainder();
+    let mut tail = [0u8; 8];
+    tail[..rem.len()].copy_from_slice(rem);
+    let (s, carry) = acc.overflowing_add(u64::from_ne_bytes(tail));
+    acc = s + u64::from(carry);
+    let mut folded = (acc & 0xffff_ffff) + (acc >> 32);
+    while folded > 0xffff {
+        folded = (folded & 0xffff) + (folded >> 16);
+    }
+    // Native-endian words sum to the byte-swapped big-endian sum on little-endian machines.
+    u16::from_be(folded as u16)
+}
+
+/// One's complement addition of two folded sums.
+fn add(a: u16, b: u16) -> u16 {
+    let s = u32::from(a) + u32::from(b);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// The checksum to store for a folded sum (0 is sent as 0xffff, as UDP requires and TCP
+/// accepts).
+fn finish(sum: u16) -> u16 {
+    match !sum {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// Complete a partial checksum: the 16-bit field at `start + offset` holds the pseudo-header
+/// sum, the checksum covers everything from `start` to the end. False (frame unchanged) when
+/// the offsets lie outside the frame.
+pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool {
+    let Some(at) = start.checked_add(offset) else {
+        return false;
+    };
+    if at + 2 > frame.len() {
+        return false;
+    }
+    let c = finish(ones_sum(&frame[start..]));
+    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// Cut the Ethernet frame `frame` (IPv4, TCP, valid headers) into frames whose IP packets fit
+/// `mtu`, each with its own IP length, identification and checksum, TCP sequence number,
+/// flags (FIN and PSH on the last only, CWR on the first only) and checksum. None when the
+/// frame is not IPv4 TCP or its headers do not hold together.
+pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
+    const ETH: usize = 14;
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(ETH..)?;
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if *ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let ip = ip.get(..total)?;
+    let doff = usize::from(*ip.get(ihl + 12)? >> 4) * 4;
+    if doff < 20 || ihl + doff > total {
+        return None;
+    }
+    let headers = ETH + ihl + doff;
+    let payload = &frame[headers..ETH + total];
+    let mss = mtu.checked_sub(ihl + doff).filter(|m| *m > 0)?;
+    let id = u16::from_be_bytes([ip[4], ip[5]]);
+    let seq = u32::from_be_bytes(ip[ihl + 4..ihl + 8].try_into().ok()?);
+    let flags = ip[ihl + 13];
+    let mut pseudo = [0u8; 12];
+    pseudo[0..8].copy_from_slice(&ip[12..20]);
+    pseudo[9] = 6;
+    let count = payload.len().div_ceil(mss).max(1);
+    let mut out = Vec::with_capacity(count);
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let mut f = Vec::with_capacity(headers + chunk.len());
+        f.extend_from_slice(&frame[..headers]);
+        f.extend_from_slice(chunk);
+        let (eth_ip, tcp) = f.split_at_mut(ETH + ihl);
+        let iph = &mut eth_ip[ETH..];
+        iph[2..4].copy_from_slice(&((ihl + doff + chunk.len()) as u16).to_be_bytes());
+        iph[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        iph[10..12].copy_from_slice(&[0, 0]);
+        let ipsum = !ones_sum(iph);
+        iph[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let off = (i * mss) as u32;
+        tcp[4..8].copy_from_slice(&seq.wrapping_add(off).to_be_bytes());
+        let last = i + 1 == count;
+        let mut fl = flags;
+        if !last {
+            fl &= !(0x01 | 0x08); // FIN, PSH
+        }
+        if i > 0 {
+            fl &= !0x80; // CWR
+        }
+        tcp[13] = fl;
+        tcp[16..18].copy_from_slice(&[0, 0]);
+        pseudo[10..12].copy_from_slice(&(tcp.len() as u16).to_be_bytes());
+        let sum = add(ones_sum(&pseudo), ones_sum(tcp));
+        tcp[16..18].copy_from_slice(&finish(sum).to_be_bytes());
+        out.push(Bytes::from(f));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+        TcpSeqNumber,
+    };
+
+    /// RFC 1071's reference: sum 16-bit big-endian words one at a time.
+    fn slow_sum(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+            s += u32::from(w);
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    }
+
+    #[test]
+    fn ones_sum_matches_the_reference_at_every_length() {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        for n in (0..64).chain([1499, 1500, 2999, 3000]) {
+            assert_eq!(ones_sum(&data[..n]), slow_sum(&data[..n]), "length {n}");
+        }
+        assert_eq!(ones_sum(&[0xff; 4096]), 0xffff);
+    }
+
+    const SRC: Ipv4Address = Ipv4Address::new(192, 168, 5, 15);
+    const DST: Ipv4Address = Ipv4Address::new(192, 168, 5, 2);
+
+    /// An Ethernet frame with one TCP segment carrying `payload` (checksums filled).
+    fn tcp_frame(payload: &[u8], control: TcpControl) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: 40000,
+            dst_port: 5201,
+            control,
+            seq_number: TcpSeqNumber(0x7fff_f000),
+            ack_number: Some(TcpSeqNumber(99)),
+            window_len: 512,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: SRC,
+            dst_addr: DST,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut f = vec![0u8; 14 + 20 + tcp.buffer_len()];
+        f[12] = 0x08;
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut f[14..]), &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(&mut f[34..]),
+            &IpAddress::Ipv4(SRC),
+            &IpAddress::Ipv4(DST),
+            &caps,
+        );
+        f
+    }
+
+    #[test]
+    fn segments_are_valid_and_carry_the_whole_stream() {
+        let payload: Vec<u8> = (0..60000u32).map(|i| (i % 253) as u8).collect();
+        let big = tcp_frame(&payload, TcpControl::Fin);
+        let segs = segment_tcp4(&big, 1500).expect("an IPv4 TCP frame");
+        assert_eq!(segs.len(), 60000_usize.div_ceil(1460));
+        let mut got = Vec::new();
+        let mut seq = 0x7fff_f000u32;
+        for (i, s) in segs.iter().enumerate() {
+            assert!(s.len() <= 1514);
+            let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+            assert!(ip.verify_checksum(), "IP checksum of segment {i}");
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            assert!(
+                tcp.verify_checksum(&IpAddress::Ipv4(SRC), &IpAddress::Ipv4(DST)),
+                "TCP checksum of segment {i}"
+            );
+            assert_eq!(tcp.seq_number(), TcpSeqNumber(seq as i32));
+            assert_eq!(tcp.fin(), i + 1 == segs.len(), "FIN only on the last");
+            seq = seq.wrapping_add(tcp.payload().len() as u32);
+            got.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        let mut f = tcp_frame(b"hello, offload", TcpControl::Psh);
+        let good = f.clone();
+        // What a sender with checksum offload hands over: the pseudo-header sum in the field.
+        let tcp_len = f.len() - 34;
+        let mut pseudo = [0u8; 12];
+        pseudo[0..8].copy_from_slice(&f[26..34]);
+        pseudo[9] = 6;
+        pseudo[10..12].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        f[50..52].copy_from_slice(&ones_sum(&pseudo).to_be_bytes());
+        assert!(complete_checksum(&mut f, 34, 16));
+        let tcp = TcpPacket::new_checked(&f[34..]).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::Ipv4(SRC), &IpAddress::Ipv4(DST)));
+        assert_eq!(f, good);
+        // Offsets that lie: nothing written.
+        assert!(!complete_checksum(&mut f, 34, 10_000));
+        assert!(!complete_checksum(&mut f, usize::MAX, 16));
+        assert_eq!(f, good);
+    }
+
+    #[test]
+    fn frames_that_are_not_ipv4_tcp_or_lie_are_refused() {
+        let f = tcp_frame(&[1; 3000], TcpControl::None);
+        let mut udp = f.clone();
+        udp[14 + 9] = 17;
+        assert!(segment_tcp4(&udp, 1500).is_none());
+        let mut v6 = f.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert!(segment_tcp4(&v6, 1500).is_none());
+        let mut long = f.clone();
+        long[16..18].copy_from_slice(&60000u16.to_be_bytes()); // total length past the end
+        assert!(segment_tcp4(&long, 1500).is_none());
+        let mut doff = f.clone();
+        doff[14 + 20 + 12] = 0x30; // data offset 12 < 20
+        assert!(segment_tcp4(&doff, 1500).is_none());
+        assert!(segment_tcp4(&f[..40], 1500).is_none());
+        assert!(
+            segment_tcp4(&f, 40).is_none(),
+            "an MTU that leaves no room for data"
+        );
+    }
+}
