@@ -32,7 +32,18 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 const CHILD: &str = "__e2e_child";
-const USERNET: &str = env!("CARGO_BIN_EXE_usernet");
+/// The usernet binary cargo built for this bench; the bench runs a private copy of it.
+const USERNET_BUILT: &str = env!("CARGO_BIN_EXE_usernet");
+static USERNET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The copy of the usernet binary taken at start: target/release/usernet is shared, and a
+/// build running beside the bench would otherwise change the binary between its rows.
+fn usernet() -> &'static Path {
+    USERNET
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(USERNET_BUILT))
+}
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const POLL: Duration = Duration::from_millis(20);
 
@@ -1091,7 +1102,7 @@ mod harness {
         let m = mtu.to_string();
         let mut bg = match stack {
             Stack::Usernet => {
-                let mut c = rig.stack.exec(USERNET);
+                let mut c = rig.stack.exec(usernet());
                 c.args(["--tap-netns", &g.path(), "--mtu", &m]);
                 c.env("RUST_LOG", "info");
                 Bg::spawn(c, &log)?
@@ -1797,7 +1808,7 @@ poweroff -f
         let s = sock.display().to_string();
         let mut net = match stack {
             "usernet" => {
-                let mut c = rig.stack.exec(USERNET);
+                let mut c = rig.stack.exec(usernet());
                 c.args(["--listen-qemu", &s, "--mtu", &m]);
                 c.env("RUST_LOG", "info");
                 Bg::spawn(c, &dir.join("stack.log"))?
@@ -2154,6 +2165,19 @@ poweroff -f
         let tree = sh(&format!(
             "git -C '{MANIFEST_DIR}' describe --always --dirty"
         ));
+        let uncommitted: Vec<String> =
+            sh(&format!("git -C '{MANIFEST_DIR}' status --porcelain -uno"))
+                .lines()
+                .map(|l| l.trim().to_string())
+                .collect();
+        let copy = cfg.logs.join("usernet");
+        match fs::copy(USERNET_BUILT, &copy) {
+            Ok(_) => {
+                let _ = USERNET.set(copy);
+            }
+            Err(e) => eprintln!("e2e: cannot copy {USERNET_BUILT}: {e}; running it in place"),
+        }
+        let usernet_built = sh(&format!("date -u -r '{USERNET_BUILT}' +%Y-%m-%dT%H:%M:%SZ"));
         progress(
             &cfg,
             &format!(
@@ -2173,12 +2197,14 @@ poweroff -f
         let (table, ratios) = report(&cfg, &rows, &vms);
         let load_end = loadavg();
         println!(
-            "\n## e2e: {date}, tree {tree}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            if uncommitted.is_empty() { String::new() } else { format!(" (uncommitted: {})", uncommitted.join(", ")) },
             cfg.elapsed()
         );
         println!("{table}");
         let versions = json!({
-            "usernet": sh(&format!("'{USERNET}' --version")),
+            "usernet": sh(&format!("'{}' --version", usernet().display())),
+            "usernet_built": usernet_built,
             "slirp4netns": sh("slirp4netns --version 2>/dev/null | head -n 1"),
             "passt": sh("dpkg-query -W -f '${Version}' passt 2>/dev/null"),
             "iperf3": sh("iperf3 --version 2>/dev/null | head -n 1"),
@@ -2188,7 +2214,7 @@ poweroff -f
             "bench": "e2e",
             "date": date,
             "tree": tree,
-            "tree_uncommitted": sh(&format!("git -C '{MANIFEST_DIR}' status --porcelain -uno")).lines().map(str::trim).collect::<Vec<_>>(),
+            "tree_uncommitted": uncommitted,
             "load_average_start": load_start,
             "load_average_end": load_end,
             "seconds": cfg.elapsed(),
