@@ -156,7 +156,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     let mut nat_config = setup.nat.clone();
     let sw = Arc::clone(switch);
     nat_config.large_segments = Some(LargeSegments(Arc::new(move |mac| sw.takes_large(mac))));
-    let gateway = Gateway::new(GatewayConfig {
+    let gateway_config = GatewayConfig {
         mac: plan.gateway_mac,
         host_ip: plan.host_ip,
         dns_ip: plan.dns_ip,
@@ -164,9 +164,15 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         answer_host_ping: !setup.nat.host_loopback,
         network: plan.subnet.network(),
         prefix: plan.subnet.prefix_len(),
-    });
+    };
+    let gateway = Gateway::new(gateway_config.clone());
     let sink_port = port.clone();
     let nat = Nat::new(nat_config, Arc::new(move |f: Bytes| sink_port.send(f)));
+    let (fast_nat, fast_config) = (nat.clone(), gateway_config.clone());
+    switch.set_fast_path(
+        &port,
+        Arc::new(move |frame: &Bytes| fast_tcp(&fast_config, &fast_nat, frame)),
+    );
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
     let lease_file = setup.lease_file.clone();
@@ -195,6 +201,21 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         dns: setup.dns,
         leases,
     }
+}
+
+/// The gateway's fast path: a guest's TCP segment goes to the NAT from the sending port's
+/// task, without a copy or a trip through the gateway's queue and task, when it is one the
+/// gateway would only route (everything else takes the full path).
+fn fast_tcp(config: &GatewayConfig, nat: &Nat, frame: &Bytes) -> bool {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
+        return false;
+    }
+    let Some(len) = config.routed_tcp_len(&frame[14..]) else {
+        return false;
+    };
+    let src_mac: netstack::MacAddr = frame[6..12].try_into().unwrap();
+    nat.route_tcp(src_mac, frame.slice(14..14 + len));
+    true
 }
 
 struct Task {

@@ -76,7 +76,13 @@ struct Port {
     tx: mpsc::Sender<Bytes>,
     /// Takes (and may send) frames of up to [`LARGE_FRAME`] bytes.
     large: bool,
+    /// Tried before the queue for unicast frames to this port (see [`Switch::set_fast_path`]).
+    fast: Option<FastPath>,
 }
+
+/// A port's synchronous receiver for unicast frames: true when it took the frame, false to
+/// have it queued as usual. Runs on the sending port's task, outside the switch's lock.
+pub type FastPath = Arc<dyn Fn(&Bytes) -> bool + Send + Sync>;
 
 /// The largest frame between ports that take large frames: a 64 KiB IP packet and its
 /// Ethernet header.
@@ -174,6 +180,7 @@ impl Switch {
                     name: name.clone(),
                     tx,
                     large,
+                    fast: None,
                 },
             );
             id
@@ -188,6 +195,14 @@ impl Switch {
             },
             PortRx { frames: rx },
         )
+    }
+
+    /// Hand unicast frames for `port` to `fast` first (the gateway takes the segments of
+    /// connections the NAT already carries without a trip through its queue and task).
+    pub fn set_fast_path(&self, port: &PortTx, fast: FastPath) {
+        if let Some(p) = self.state.lock().unwrap().ports.get_mut(&port.id) {
+            p.fast = Some(fast);
+        }
     }
 
     /// Remember `mac` as living on `port` for good (the gateway's own MAC).
@@ -265,7 +280,19 @@ impl Switch {
             _ => None,
         };
         match target.and_then(|id| st.ports.get(&id).map(|p| (id, p))) {
-            Some((id, port)) if id != from => self.enqueue(port, frame),
+            Some((id, port)) if id != from => {
+                // Outside the lock: the fast path and cutting large frames take a while.
+                let (tx, large, fast) = (port.tx.clone(), port.large, port.fast.clone());
+                drop(st);
+                if let Some(fast) = fast {
+                    if fast(&frame) {
+                        SwitchCounters::bump(&c.frames_out);
+                        c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                self.enqueue_to(&tx, large, frame);
+            }
             Some(_) => {} // to itself: a switch drops it
             None => {
                 st.macs.remove(&dst);
@@ -275,16 +302,20 @@ impl Switch {
     }
 
     fn enqueue(&self, port: &Port, frame: Bytes) {
+        self.enqueue_to(&port.tx, port.large, frame)
+    }
+
+    fn enqueue_to(&self, tx: &mpsc::Sender<Bytes>, large: bool, frame: Bytes) {
         let c = &self.counters;
         if frame.len() > self.max_frame {
             SwitchCounters::bump(&c.large_frames);
-            if !port.large {
+            if !large {
                 // Do for this port what segmentation offload would: cut it to the MTU.
                 match netstack::offload::segment_tcp4(&frame, self.max_frame - 14) {
                     Some(segments) => {
                         SwitchCounters::bump(&c.large_frames_cut);
                         for s in segments {
-                            self.enqueue(port, s);
+                            self.enqueue_to(tx, large, s);
                         }
                     }
                     None => SwitchCounters::bump(&c.drop_oversize),
@@ -293,7 +324,7 @@ impl Switch {
             }
         }
         let len = frame.len() as u64;
-        match port.tx.try_send(frame) {
+        match tx.try_send(frame) {
             Ok(()) => {
                 SwitchCounters::bump(&c.frames_out);
                 c.bytes_out.fetch_add(len, Ordering::Relaxed);

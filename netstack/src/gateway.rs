@@ -60,6 +60,34 @@ impl GatewayConfig {
     fn owns(&self, ip: Ipv4Addr) -> bool {
         ip == self.host_ip || ip == self.dns_ip || self.host_aliases.contains(&ip)
     }
+
+    /// The length of the IPv4 packet at the start of `ip` when [`Gateway::receive`] would
+    /// route it to the NAT as TCP without anything else to do (a valid, unfragmented header
+    /// from a guest address, to a routed destination); None otherwise. Lets a caller take
+    /// that path without the gateway's state: the fast path of the daemon's switch.
+    pub fn routed_tcp_len(&self, ip: &[u8]) -> Option<usize> {
+        let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != 6 {
+            return None;
+        }
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+        if total < ihl + 20 || total > ip.len() || fragment {
+            return None;
+        }
+        if crate::offload::ones_sum(&ip[..ihl]) != 0xffff {
+            return None;
+        }
+        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let bad_src =
+            self.owns(src) || src.is_multicast() || src.is_broadcast() || src.is_loopback();
+        let not_routed = dst.is_broadcast()
+            || dst == self.broadcast()
+            || dst.is_multicast()
+            || (dst != self.dns_ip && !self.owns(dst) && self.on_link(dst));
+        (!bad_src && !not_routed).then_some(total)
+    }
 }
 
 /// A UDP datagram for a local service, with where it came from on the link.

@@ -359,6 +359,17 @@ impl Nat {
         }
     }
 
+    /// Route a guest's TCP segment (the whole, unfragmented IPv4 packet that the gateway
+    /// routes, see [`crate::GatewayConfig::routed_tcp_len`]) without copying it. Must be
+    /// called inside a tokio runtime.
+    pub fn route_tcp(&self, src_mac: MacAddr, packet: Bytes) {
+        if let Err(packet) = tcp::route_existing(&self.shared, src_mac, packet) {
+            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            self.shared.learn(src, src_mac);
+            tcp::route(&self.shared, src_mac, packet);
+        }
+    }
+
     /// Route one packet from a guest. Must be called inside a tokio runtime.
     pub fn route(&self, packet: Routed) {
         let (ip, mac) = match &packet {
