@@ -171,7 +171,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     let (fast_nat, fast_config) = (nat.clone(), gateway_config.clone());
     switch.set_fast_path(
         &port,
-        Arc::new(move |frame: &Bytes| fast_tcp(&fast_config, &fast_nat, frame)),
+        Arc::new(move |frame: &Bytes| fast_path(&fast_config, &fast_nat, frame)),
     );
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
@@ -203,18 +203,31 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     }
 }
 
-/// The gateway's fast path: a guest's TCP segment goes to the NAT from the sending port's
-/// task, without a copy or a trip through the gateway's queue and task, when it is one the
-/// gateway would only route (everything else takes the full path).
-fn fast_tcp(config: &GatewayConfig, nat: &Nat, frame: &Bytes) -> bool {
+/// The gateway's fast path: a guest's TCP segment or UDP datagram goes to the NAT from the
+/// sending port's task, without a copy or a trip through the gateway's queue and task, when
+/// it is one the gateway would only route (everything else takes the full path).
+fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes) -> bool {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
         return false;
     }
-    let Some(len) = config.routed_tcp_len(&frame[14..]) else {
-        return false;
-    };
     let src_mac: netstack::MacAddr = frame[6..12].try_into().unwrap();
-    nat.route_tcp(src_mac, frame.slice(14..14 + len));
+    let ip = &frame[14..];
+    match ip[9] {
+        6 => {
+            let Some(len) = config.routed_tcp_len(ip) else {
+                return false;
+            };
+            nat.route_tcp(src_mac, frame.slice(14..14 + len));
+        }
+        17 => {
+            let Some((src, dst, ttl, payload)) = config.routed_udp(ip) else {
+                return false;
+            };
+            let payload = frame.slice(14 + payload.start..14 + payload.end);
+            nat.route_udp(src_mac, src, dst, ttl, payload);
+        }
+        _ => return false,
+    }
     true
 }
 

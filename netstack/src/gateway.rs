@@ -66,13 +66,53 @@ impl GatewayConfig {
     /// from a guest address, to a routed destination); None otherwise. Lets a caller take
     /// that path without the gateway's state: the fast path of the daemon's switch.
     pub fn routed_tcp_len(&self, ip: &[u8]) -> Option<usize> {
+        let (total, _) = self.routed_ipv4(ip, 6)?;
+        Some(total)
+    }
+
+    /// The guest's UDP datagram in the IPv4 packet at the start of `ip` when
+    /// [`Gateway::receive`] would route it to the NAT without anything else to do (as
+    /// [`GatewayConfig::routed_tcp_len`], with a valid UDP header and checksum, for no local
+    /// service, with TTL left): source, destination, TTL and where the payload is in `ip`.
+    pub fn routed_udp(
+        &self,
+        ip: &[u8],
+    ) -> Option<(SocketAddrV4, SocketAddrV4, u8, std::ops::Range<usize>)> {
+        let (total, ihl) = self.routed_ipv4(ip, 17)?;
+        let udp = UdpPacket::new_checked(&ip[ihl..total]).ok()?;
+        let (src, dst) = (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        );
+        if !udp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
+            return None;
+        }
+        let (sport, dport) = (udp.src_port(), udp.dst_port());
+        let local = dst == self.dns_ip && (self.dns_ip != self.host_ip || dport == 53);
+        let ttl = ip[8];
+        if local || ttl <= 1 {
+            return None;
+        }
+        let start = ihl + 8;
+        let end = ihl + usize::from(udp.len());
+        Some((
+            SocketAddrV4::new(src, sport),
+            SocketAddrV4::new(dst, dport),
+            ttl,
+            start..end,
+        ))
+    }
+
+    /// (total length, header length) of an IPv4 packet of `protocol` that the gateway routes
+    /// with nothing else to do.
+    fn routed_ipv4(&self, ip: &[u8], protocol: u8) -> Option<(usize, usize)> {
         let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-        if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != 6 {
+        if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != protocol {
             return None;
         }
         let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
         let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
-        if total < ihl + 20 || total > ip.len() || fragment {
+        if total < ihl + 8 || total > ip.len() || fragment {
             return None;
         }
         if crate::offload::ones_sum(&ip[..ihl]) != 0xffff {
@@ -86,7 +126,7 @@ impl GatewayConfig {
             || dst == self.broadcast()
             || dst.is_multicast()
             || (dst != self.dns_ip && !self.owns(dst) && self.on_link(dst));
-        (!bad_src && !not_routed).then_some(total)
+        (!bad_src && !not_routed).then_some((total, ihl))
     }
 }
 

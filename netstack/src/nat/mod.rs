@@ -370,6 +370,23 @@ impl Nat {
         }
     }
 
+    /// Route a guest's UDP datagram (one the gateway routes, see
+    /// [`crate::GatewayConfig::routed_udp`]) without copying it; straight out of its flow's
+    /// host socket when it can. Must be called inside a tokio runtime.
+    pub fn route_udp(
+        &self,
+        src_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        ttl: u8,
+        payload: Bytes,
+    ) {
+        if let Err(payload) = udp::route_fast(&self.shared, src, dst, ttl, payload) {
+            self.shared.learn(*src.ip(), src_mac);
+            udp::route(&self.shared, src_mac, src, dst, ttl, payload);
+        }
+    }
+
     /// Route one packet from a guest. Must be called inside a tokio runtime.
     pub fn route(&self, packet: Routed) {
         let (ip, mac) = match &packet {

@@ -13,10 +13,10 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use smoltcp::wire::{Icmpv4DstUnreachable, IpProtocol, UDP_HEADER_LEN};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
@@ -24,7 +24,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::uplink::{IcmpError, Original};
+use super::uplink::{IcmpError, Original, UDP_HEADROOM};
 use super::{FlowCounters, Shared, Target};
 use crate::MacAddr;
 
@@ -51,6 +51,79 @@ pub(crate) struct FlowHandle {
     /// Tells this flow from a later one with the same key.
     id: u64,
     inbox: mpsc::Sender<Datagram>,
+    host: Arc<HostSide>,
+}
+
+/// A flow's host socket and what its task and the fast path ([`route_fast`]) share about it.
+struct HostSide {
+    sock: UdpSocket,
+    /// The IP_TTL set on the socket (0: none yet).
+    ttl: AtomicU8,
+    /// The guest's TTL (bits 32..40) and payload length of the last datagram sent, for ICMP
+    /// errors about it.
+    last: AtomicU64,
+    /// A datagram went out on the fast path since the idle timer last looked.
+    active: AtomicBool,
+}
+
+impl HostSide {
+    fn set_ttl(&self, guest_ttl: u8) {
+        let ttl = guest_ttl.saturating_sub(1).max(1);
+        if self.ttl.load(Ordering::Relaxed) != ttl {
+            match SockRef::from(&self.sock).set_ttl_v4(u32::from(ttl)) {
+                Ok(()) => self.ttl.store(ttl, Ordering::Relaxed),
+                Err(e) => tracing::debug!("IP_TTL {ttl}: {e}"),
+            }
+        }
+    }
+
+    fn set_last(&self, ttl: u8, len: usize) {
+        self.last
+            .store((u64::from(ttl) << 32) | len as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> (u8, usize) {
+        let v = self.last.load(Ordering::Relaxed);
+        ((v >> 32) as u8, (v & 0xffff_ffff) as usize)
+    }
+}
+
+/// The fast path for a guest datagram (one the gateway only routes, with TTL left): straight
+/// out of its flow's host socket from the caller's task when the flow exists, its queue is
+/// empty and the socket takes it at once; otherwise (or on any error, which the flow's task
+/// then reports) given back for [`route`].
+pub(crate) fn route_fast(
+    shared: &Arc<Shared>,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    payload: Bytes,
+) -> Result<(), Bytes> {
+    if ttl <= 1 || payload.len() > MAX_DATAGRAM {
+        return Err(payload);
+    }
+    let key = Key { guest: src, dst };
+    let Some(payload) = super::forward::deliver_reply(shared, &key, payload) else {
+        return Ok(()); // an answer to a forwarded flow
+    };
+    let host = {
+        let flows = lock(&shared.udp_flows);
+        match flows.get(&key) {
+            // Datagrams still queued for the task go first.
+            Some(h) if h.inbox.capacity() == h.inbox.max_capacity() => Arc::clone(&h.host),
+            _ => return Err(payload),
+        }
+    };
+    host.set_ttl(ttl);
+    host.set_last(ttl, payload.len());
+    match host.sock.try_send(&payload) {
+        Ok(_) => {
+            FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
+            host.active.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(_) => Err(payload),
+    }
 }
 
 /// A guest datagram on its way to the host socket.
@@ -140,6 +213,12 @@ pub(crate) fn route(
         }
     };
 
+    let host = Arc::new(HostSide {
+        sock,
+        ttl: AtomicU8::new(0),
+        last: AtomicU64::new(0),
+        active: AtomicBool::new(false),
+    });
     let (tx, rx) = mpsc::channel(INBOX);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     {
@@ -154,7 +233,14 @@ pub(crate) fn route(
         }
         // Cannot fail: the channel is new and empty.
         let _ = tx.try_send(datagram);
-        flows.insert(key, FlowHandle { id, inbox: tx });
+        flows.insert(
+            key,
+            FlowHandle {
+                id,
+                inbox: tx,
+                host: Arc::clone(&host),
+            },
+        );
     }
     FlowCounters::inc(&c.opened);
     FlowCounters::inc(&c.open);
@@ -164,10 +250,9 @@ pub(crate) fn route(
         id,
         guest_mac: src_mac,
         target,
-        sock,
-        host_ttl: HostTtl::default(),
-        last: (ttl, payload.len()),
+        host,
     };
+    flow.host.set_last(ttl, payload.len());
     tokio::spawn(flow.run(rx));
 }
 
@@ -213,10 +298,7 @@ struct Flow {
     guest_mac: MacAddr,
     /// The host side's destination (the host address mapped to 127.0.0.1).
     target: SocketAddrV4,
-    sock: UdpSocket,
-    host_ttl: HostTtl,
-    /// The guest's TTL and payload length of the last datagram sent, for ICMP errors.
-    last: (u8, usize),
+    host: Arc<HostSide>,
 }
 
 enum Event {
@@ -234,8 +316,8 @@ impl Flow {
         loop {
             let event = tokio::select! {
                 d = inbox.recv() => Event::Datagram(d),
-                r = self.sock.readable() => Event::Readable(r),
-                r = self.sock.ready(Interest::ERROR) => Event::Error(r),
+                r = self.host.sock.readable() => Event::Readable(r),
+                r = self.host.sock.ready(Interest::ERROR) => Event::Error(r),
                 () = &mut idle => Event::Idle,
             };
             match event {
@@ -251,7 +333,7 @@ impl Flow {
                     }
                 }
                 Event::Error(Ok(_)) => {
-                    let sock = &self.sock;
+                    let sock = &self.host.sock;
                     let fd = sock.as_raw_fd();
                     for _ in 0..BATCH {
                         match sock.try_io(Interest::ERROR, || recv_error(fd)) {
@@ -261,6 +343,11 @@ impl Flow {
                     }
                 }
                 Event::Idle => {
+                    if self.host.active.swap(false, Ordering::Relaxed) {
+                        // Datagrams went out on the fast path meanwhile.
+                        idle.as_mut().reset(Instant::now() + timeout);
+                        continue;
+                    }
                     let mut flows = lock(&self.shared.udp_flows);
                     // route() queues under this lock: nothing can slip in after this check.
                     if !inbox.is_empty() {
@@ -294,10 +381,10 @@ impl Flow {
     /// Send a guest datagram out of the host socket.
     async fn send(&mut self, d: Datagram) {
         let c = &self.shared.udp_counters;
-        self.host_ttl.set(&self.sock, d.ttl);
-        self.last = (d.ttl, d.payload.len());
+        self.host.set_ttl(d.ttl);
+        self.host.set_last(d.ttl, d.payload.len());
         for attempt in 0..2 {
-            match self.sock.send(&d.payload).await {
+            match self.host.sock.send(&d.payload).await {
                 Ok(_) => {
                     FlowCounters::add(&c.bytes_from_guest, d.payload.len() as u64);
                     return;
@@ -320,14 +407,23 @@ impl Flow {
     /// Carry the host socket's datagrams to the guest; whether any arrived.
     fn receive(&mut self) -> bool {
         let mut any = false;
+        // Datagrams are received in place, after room for their headers, into one chunk
+        // per wake-up that the frames then share.
+        let mut chunk = BytesMut::new();
         for _ in 0..BATCH {
             let (shared, key, mac) = (&self.shared, self.key, self.guest_mac);
-            let r: io::Result<usize> = with_buffer(|buf| {
-                let n = self.sock.try_recv(buf)?;
+            if chunk.capacity() < UDP_HEADROOM + RECV_BUF {
+                chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
+            }
+            chunk.resize(UDP_HEADROOM, 0);
+            let r = self.host.sock.try_recv_buf(&mut chunk).inspect(|&n| {
+                let frame = chunk.split_to(UDP_HEADROOM + n);
                 // Replies come from the address the guest sent to, not the one we talked to.
-                shared.uplink.send_udp(mac, key.dst, key.guest, &buf[..n]);
-                Ok(n)
+                shared.uplink.send_udp_frame(mac, key.dst, key.guest, frame);
             });
+            if r.is_err() {
+                chunk.clear();
+            }
             match r {
                 Ok(n) => {
                     FlowCounters::add(&shared.udp_counters.bytes_to_guest, n as u64);
@@ -347,7 +443,7 @@ impl Flow {
 
     /// Read the error queue dry (bounded); how many entries it held.
     fn drain_errors(&self) -> usize {
-        let fd = self.sock.as_raw_fd();
+        let fd = self.host.sock.as_raw_fd();
         let mut n = 0;
         while n < BATCH {
             match recv_error(fd) {
@@ -369,7 +465,7 @@ impl Flow {
         }) else {
             return;
         };
-        let (ttl, len) = self.last;
+        let (ttl, len) = self.host.last();
         let head = udp_head(self.key.guest, self.key.dst, len);
         let orig = udp_original(self.key.guest, self.key.dst, ttl, len, &head);
         shared

@@ -4,15 +4,18 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv4TimeExceeded, IpProtocol, Ipv4Repr,
-    ETHERNET_HEADER_LEN, UDP_HEADER_LEN,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv4TimeExceeded, IpAddress, IpProtocol,
+    Ipv4Repr, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN, UDP_HEADER_LEN,
 };
 
 use crate::frame::{write_ethernet, write_ipv4, write_udp, IPV4_HEADER_LEN};
 use crate::MacAddr;
+
+/// Room before a UDP payload received in place: Ethernet, IPv4 and UDP headers.
+pub(crate) const UDP_HEADROOM: usize = ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN;
 
 /// Where frames for the guests go (the gateway's switch port).
 pub type FrameSink = Arc<dyn Fn(Bytes) + Send + Sync>;
@@ -80,6 +83,45 @@ impl Uplink {
             }
             Err(e) => tracing::debug!("not sent to the guest: {e}"),
         }
+    }
+
+    /// Send a UDP datagram from `src` to a guest at `dst` whose payload is already in
+    /// `frame`, after [`UDP_HEADROOM`] bytes for the headers (no copy when it fits the MTU).
+    pub(crate) fn send_udp_frame(
+        &self,
+        dst_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        mut frame: BytesMut,
+    ) {
+        let n = frame.len() - UDP_HEADROOM;
+        if IPV4_HEADER_LEN + UDP_HEADER_LEN + n > self.mtu {
+            return self.send_udp(dst_mac, src, dst, &frame[UDP_HEADROOM..]);
+        }
+        write_ethernet(&mut frame, self.mac, dst_mac);
+        write_ipv4(
+            &mut frame[ETHERNET_HEADER_LEN..],
+            *src.ip(),
+            *dst.ip(),
+            IpProtocol::Udp,
+            UDP_HEADER_LEN + n,
+            false,
+            |p| {
+                UdpRepr {
+                    src_port: src.port(),
+                    dst_port: dst.port(),
+                }
+                .emit(
+                    &mut UdpPacket::new_unchecked(p),
+                    &IpAddress::Ipv4(*src.ip()),
+                    &IpAddress::Ipv4(*dst.ip()),
+                    n,
+                    |_| {}, // the payload is in place
+                    &ChecksumCapabilities::default(),
+                )
+            },
+        );
+        (self.sink)(frame.freeze());
     }
 
     /// Send a UDP datagram from `src` to a guest at `dst`.
