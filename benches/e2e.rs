@@ -1382,28 +1382,29 @@ mod harness {
         m
     }
 
-    fn latency(ctx: &Ctx) -> [Metric; 3] {
+    /// Run the bench's client `role` in the guest against the echo server for the run's
+    /// seconds: its JSON, with the stack's CPU time during the run.
+    fn timed_client(ctx: &Ctx, role: &str) -> Result<Value, String> {
         let secs = ctx.cfg.secs;
-        if let Err(e) = ctx.cfg.budget_for(secs + 5) {
-            return [
-                Metric::err("rr_min", &e),
-                Metric::err("rr_p50", &e),
-                Metric::err("rr_p99", e),
-            ];
-        }
+        ctx.cfg.budget_for(secs + 5)?;
         let cpu0 = ctx.cpu();
         let out = proc::run(
             ctx.cfg.child(
                 &ctx.rig.guest,
-                "latency",
+                role,
                 &[ctx.host.into(), ECHO_PORT.to_string(), secs.to_string()],
             ),
             Duration::from_secs(secs + 15),
         );
         let cpu = ctx.cpu() - cpu0;
-        match client_result(&out) {
-            Ok(mut v) => {
-                v["stack_cpu_seconds"] = json!(cpu);
+        let mut v = client_result(&out)?;
+        v["stack_cpu_seconds"] = json!(cpu);
+        Ok(v)
+    }
+
+    fn latency(ctx: &Ctx) -> [Metric; 3] {
+        match timed_client(ctx, "latency") {
+            Ok(v) => {
                 let min = v["min_us"].as_f64().unwrap_or(f64::NAN);
                 let p50 = v["p50_us"].as_f64().unwrap_or(f64::NAN);
                 let p99 = v["p99_us"].as_f64().unwrap_or(f64::NAN);
@@ -1422,23 +1423,8 @@ mod harness {
     }
 
     fn connrate(ctx: &Ctx) -> Metric {
-        let secs = ctx.cfg.secs;
-        if let Err(e) = ctx.cfg.budget_for(secs + 5) {
-            return Metric::err("conn_rate", e);
-        }
-        let cpu0 = ctx.cpu();
-        let out = proc::run(
-            ctx.cfg.child(
-                &ctx.rig.guest,
-                "connrate",
-                &[ctx.host.into(), ECHO_PORT.to_string(), secs.to_string()],
-            ),
-            Duration::from_secs(secs + 15),
-        );
-        let cpu = ctx.cpu() - cpu0;
-        match client_result(&out) {
-            Ok(mut v) => {
-                v["stack_cpu_seconds"] = json!(cpu);
+        match timed_client(ctx, "connrate") {
+            Ok(v) => {
                 let r = v["per_second"].as_f64().unwrap_or(f64::NAN);
                 let mut m = Metric::ok("conn_rate", r, v.clone());
                 if v["errors"].as_u64().unwrap_or(0) > 0 {

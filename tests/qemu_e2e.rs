@@ -445,6 +445,19 @@ fn usernet_restarted_under_a_running_vm_listen_qemu() {
 }
 
 /// The largest original frame length in a pcap file (QEMU's filter-dump).
+/// The sha256 of the first `n` bytes of nettool's test stream (what `tcp-source` sends).
+fn nettool_sha(n: usize) -> String {
+    let code = format!(
+        "import sys; sys.path.insert(0, {:?}); import nettool; print(nettool.gen_sha({n}))",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support")
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &code])
+        .output()
+        .expect("python3 gen_sha");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn max_frame_len(pcap: &Path) -> u32 {
     let data = std::fs::read(pcap).unwrap_or_default();
     if data.len() < 24 {
@@ -479,17 +492,7 @@ fn mtu_65520_is_applied_and_256_mib_move_both_ways() {
     let big = BIG.to_string();
     s.nettool_server(&["tcp-source", "127.0.0.1", "9002", &big], 9002);
     s.nettool_server(&["tcp-sink", "127.0.0.1", "9001"], 9001);
-    let down_sha = {
-        let code = format!(
-            "import sys; sys.path.insert(0, {:?}); import nettool; print(nettool.gen_sha({BIG}))",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support")
-        );
-        let out = std::process::Command::new("python3")
-            .args(["-c", &code])
-            .output()
-            .expect("python3 gen_sha");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let down_sha = nettool_sha(BIG);
     let n = BIG / guest::BLOB_SIZE;
     let up_sha = sha256_repeated(&s.file("www/blob"), n);
     let spec = VmSpec::new("mtu", &mac(1), netdev)
@@ -570,17 +573,7 @@ fn tap_guest_large_segments_reach_a_vm_cut_to_its_mtu() {
             format!("nettool server on {TAP_GUEST}:{port} did not listen"),
         );
     }
-    let down_sha = {
-        let code = format!(
-            "import sys; sys.path.insert(0, {:?}); import nettool; print(nettool.gen_sha({BIG}))",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support")
-        );
-        let out = std::process::Command::new("python3")
-            .args(["-c", &code])
-            .output()
-            .expect("python3 gen_sha");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let down_sha = nettool_sha(BIG);
     let n = BIG / guest::BLOB_SIZE;
     let up_sha = sha256_repeated(&s.file("www/blob"), n);
     let spec = VmSpec::new("mixed", &mac(1), netdev)
