@@ -284,8 +284,12 @@ impl Switch {
                 // Outside the lock: the fast path and cutting large frames take a while.
                 let (tx, large, fast) = (port.tx.clone(), port.large, port.fast.clone());
                 drop(st);
-                if let Some(fast) = fast {
+                // A large frame for a port that takes none is cut first (below).
+                if let Some(fast) = fast.filter(|_| large || frame.len() <= self.max_frame) {
                     if fast(&frame) {
+                        if frame.len() > self.max_frame {
+                            SwitchCounters::bump(&c.large_frames);
+                        }
                         SwitchCounters::bump(&c.frames_out);
                         c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                         return;

@@ -18,12 +18,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
 use nix::sched::{setns, CloneFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::sync::Notify;
 
-use crate::switch::{PortRx, PortTx, Switch};
+use crate::switch::{PortRx, PortTx, Switch, SwitchCounters};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -101,13 +105,169 @@ pub fn start(
     } else {
         switch.attach(label)
     };
-    tokio::spawn(serve(Arc::new(fd), port, rx, offload));
+    let egress = Arc::new(Egress {
+        fd: Arc::new(fd),
+        vnet: offload,
+        mtu: usize::from(mtu),
+        state: Mutex::new(EgressState::default()),
+        notify: Notify::new(),
+        port: port.clone(),
+    });
+    let direct = Arc::clone(&egress);
+    switch.set_fast_path(&port, Arc::new(move |frame: &Bytes| direct.offer(frame)));
+    tokio::spawn(serve(egress, port, rx));
     Ok(())
 }
 
-async fn serve(fd: Arc<AsyncFd<OwnedFd>>, port: PortTx, mut rx: PortRx, vnet: bool) {
-    let mtu = port.switch().max_frame() - 14;
-    let hdr = if vnet { VNET_HDR_LEN } else { 0 };
+/// Frames to the guest: written at once by whoever sends them (a connection's task, the
+/// gateway) when nothing is waiting before them and the device takes them; otherwise queued,
+/// in order, for the port's writer task, which waits until the device is writable.
+struct Egress {
+    fd: Arc<AsyncFd<OwnedFd>>,
+    vnet: bool,
+    mtu: usize,
+    state: Mutex<EgressState>,
+    notify: Notify,
+    port: PortTx,
+}
+
+#[derive(Default)]
+struct EgressState {
+    queue: VecDeque<Bytes>,
+    /// The writer task has taken a frame from the queue and not yet written it.
+    writing: bool,
+}
+
+impl Egress {
+    /// The switch's fast path for this port: takes every unicast frame (true).
+    fn offer(&self, frame: &Bytes) -> bool {
+        let Some(header) = self.header(frame) else {
+            return true;
+        };
+        let mut st = self.state.lock().unwrap();
+        if st.queue.is_empty() && !st.writing {
+            match write_frame(
+                self.fd.get_ref().as_raw_fd(),
+                &header,
+                self.hdr_len(),
+                frame,
+            ) {
+                Ok(()) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // EIO: the link is down in the namespace; the frame is lost, the port stays.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => return true,
+                Err(e) => {
+                    tracing::debug!(port = self.port.id(), "tap write: {e}");
+                    return true;
+                }
+            }
+        }
+        if st.queue.len() >= crate::switch::PORT_QUEUE {
+            SwitchCounters::bump(&self.port.switch().counters().drop_queue_full);
+            return true;
+        }
+        st.queue.push_back(frame.clone());
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+
+    fn hdr_len(&self) -> usize {
+        if self.vnet {
+            VNET_HDR_LEN
+        } else {
+            0
+        }
+    }
+
+    /// The virtio-net header for `frame` (zeroes without offload); None (counted) for a frame
+    /// this device cannot take.
+    fn header(&self, frame: &[u8]) -> Option<[u8; VNET_HDR_LEN]> {
+        if !self.vnet {
+            return Some([0; VNET_HDR_LEN]);
+        }
+        let h = vnet_header(frame, self.mtu);
+        if h.is_none() {
+            self.port.framing_error();
+        }
+        h
+    }
+
+    /// Write `frame`, waiting until the device takes it. Errors other than EIO end the port.
+    async fn write(&self, frame: &Bytes) -> io::Result<()> {
+        let Some(header) = self.header(frame) else {
+            return Ok(());
+        };
+        let r = self
+            .fd
+            .async_io(Interest::WRITABLE, |fd| {
+                write_frame(fd.as_raw_fd(), &header, self.hdr_len(), frame)
+            })
+            .await;
+        match r {
+            // EIO: the link is down in the namespace; the frame is lost, the port stays.
+            Err(e) if e.raw_os_error() != Some(libc::EIO) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The writer task: the queued frames, then the switch's queue (broadcasts), in order.
+    async fn run_writer(&self, rx: &mut PortRx) -> io::Error {
+        loop {
+            loop {
+                let frame = {
+                    let mut st = self.state.lock().unwrap();
+                    let Some(f) = st.queue.pop_front() else {
+                        break;
+                    };
+                    st.writing = true;
+                    f
+                };
+                let r = self.write(&frame).await;
+                self.state.lock().unwrap().writing = false;
+                if let Err(e) = r {
+                    return e;
+                }
+            }
+            tokio::select! {
+                () = self.notify.notified() => {}
+                f = rx.frames.recv() => match f {
+                    Some(f) => {
+                        if let Err(e) = self.write(&f).await {
+                            return e;
+                        }
+                    }
+                    None => return io::Error::other("port closed"),
+                },
+            }
+        }
+    }
+}
+
+/// One nonblocking write of a frame after its `hdr` header bytes.
+fn write_frame(fd: RawFd, header: &[u8; VNET_HDR_LEN], hdr: usize, frame: &[u8]) -> io::Result<()> {
+    let iov = [
+        libc::iovec {
+            iov_base: header.as_ptr() as *mut _,
+            iov_len: hdr,
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut _,
+            iov_len: frame.len(),
+        },
+    ];
+    // SAFETY: writing from live buffers; the kernel only reads them.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
+    let (fd, vnet) = (Arc::clone(&egress.fd), egress.vnet);
+    let hdr = egress.hdr_len();
     let max = if vnet {
         crate::switch::LARGE_FRAME + hdr
     } else {
@@ -154,49 +314,7 @@ async fn serve(fd: Arc<AsyncFd<OwnedFd>>, port: PortTx, mut rx: PortRx, vnet: bo
             }
         }
     };
-    let writer = async {
-        while let Some(frame) = rx.frames.recv().await {
-            let header = if vnet {
-                match vnet_header(&frame, mtu) {
-                    Some(h) => h,
-                    None => {
-                        port.framing_error();
-                        continue;
-                    }
-                }
-            } else {
-                [0; VNET_HDR_LEN]
-            };
-            let r = fd
-                .async_io(Interest::WRITABLE, |fd| {
-                    let iov = [
-                        libc::iovec {
-                            iov_base: header.as_ptr() as *mut _,
-                            iov_len: hdr,
-                        },
-                        libc::iovec {
-                            iov_base: frame.as_ptr() as *mut _,
-                            iov_len: frame.len(),
-                        },
-                    ];
-                    // SAFETY: writing from live buffers; the kernel only reads them.
-                    let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), 2) };
-                    if n < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok(())
-                    }
-                })
-                .await;
-            if let Err(e) = r {
-                if e.raw_os_error() != Some(libc::EIO) {
-                    return e;
-                }
-                // EIO: the link is down in the namespace; the frame is lost, the port stays.
-            }
-        }
-        io::Error::other("port closed")
-    };
+    let writer = egress.run_writer(&mut rx);
     tokio::select! {
         e = reader => tracing::info!(port = port.id(), "tap read ended: {e}"),
         e = writer => tracing::info!(port = port.id(), "tap write ended: {e}"),
