@@ -21,13 +21,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use smoltcp::wire::{Icmpv4Packet, IpProtocol, Ipv4Packet};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::udp::{
-    is_resource_error, lock, recv_error, set_recverr, with_buffer, HostError, HostTtl,
+    is_resource_error, lock, recv_error, run_flow, set_recverr, with_buffer, HostError, HostFlow,
+    HostTtl,
 };
 use super::uplink::{IcmpError, Original};
 use super::{FlowCounters, Shared, Target};
@@ -315,7 +314,8 @@ pub(crate) fn route(
         host_ttl: HostTtl::default(),
         sent: VecDeque::new(),
     };
-    tokio::spawn(flow.run(rx));
+    let timeout = shared.config.udp_timeout.min(MAX_IDLE);
+    tokio::spawn(run_flow(flow, rx, timeout));
 }
 
 /// Hand `echo` to the flow `key` if it exists (`None`: handled, or dropped); give it back if
@@ -373,66 +373,38 @@ struct PingFlow {
     sent: VecDeque<Sent>,
 }
 
-enum Event {
-    Echo(Option<Echo>),
-    Readable(io::Result<()>),
-    Error(io::Result<tokio::io::Ready>),
-    Idle,
-}
+impl HostFlow for PingFlow {
+    type Msg = Echo;
 
-impl PingFlow {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Echo>) {
-        let timeout = self.shared.config.udp_timeout.min(MAX_IDLE);
-        let idle = tokio::time::sleep(timeout);
-        tokio::pin!(idle);
-        loop {
-            let event = tokio::select! {
-                e = inbox.recv() => Event::Echo(e),
-                r = self.sock.readable() => Event::Readable(r),
-                r = self.sock.ready(Interest::ERROR) => Event::Error(r),
-                () = &mut idle => Event::Idle,
-            };
-            match event {
-                Event::Echo(None) => break,
-                Event::Echo(Some(e)) => {
-                    self.send(e).await;
-                    idle.as_mut().reset(Instant::now() + timeout);
-                }
-                Event::Readable(Err(_)) | Event::Error(Err(_)) => break,
-                Event::Readable(Ok(())) => {
-                    if self.receive() {
-                        idle.as_mut().reset(Instant::now() + timeout);
-                    }
-                }
-                Event::Error(Ok(_)) => {
-                    let fd = self.sock.as_raw_fd();
-                    for _ in 0..BATCH {
-                        match self.sock.try_io(Interest::ERROR, || recv_error(fd)) {
-                            Ok(e) => self.report(e),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Event::Idle => {
-                    let mut flows = lock(&self.shared.icmp.flows);
-                    if !inbox.is_empty() {
-                        idle.as_mut().reset(Instant::now() + timeout);
-                        continue;
-                    }
-                    if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
-                        flows.remove(&self.key);
-                    }
-                    return;
-                }
-            }
-        }
-        // The socket failed: take the entry out (if still ours) so the next echo opens anew.
+    fn sock(&self) -> &UdpSocket {
+        &self.sock
+    }
+
+    fn send(&mut self, e: Echo) -> impl std::future::Future<Output = ()> + Send {
+        PingFlow::send(self, e)
+    }
+
+    fn receive(&mut self) -> bool {
+        PingFlow::receive(self)
+    }
+
+    fn report(&self, e: Option<HostError>) {
+        PingFlow::report(self, e)
+    }
+
+    fn retire(&self, busy: &dyn Fn() -> bool) -> bool {
         let mut flows = lock(&self.shared.icmp.flows);
+        if busy() {
+            return false;
+        }
         if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
             flows.remove(&self.key);
         }
+        true
     }
+}
 
+impl PingFlow {
     async fn send(&mut self, echo: Echo) {
         let ic = &self.shared.icmp_counters;
         self.host_ttl.set(&self.sock, echo.ttl);

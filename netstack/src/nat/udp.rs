@@ -253,7 +253,8 @@ pub(crate) fn route(
         host,
     };
     flow.host.set_last(ttl, payload.len());
-    tokio::spawn(flow.run(rx));
+    let timeout = shared.config.udp_timeout;
+    tokio::spawn(run_flow(flow, rx, timeout));
 }
 
 /// Hand `datagram` to the flow `key` if it exists (`None`: handled, or dropped and counted);
@@ -301,75 +302,122 @@ struct Flow {
     host: Arc<HostSide>,
 }
 
-enum Event {
-    Datagram(Option<Datagram>),
+/// A flow with a host socket of its own (a UDP flow, a ping flow): what [`run_flow`], the
+/// one event loop they share, needs from it.
+pub(crate) trait HostFlow: Send {
+    /// What the guest sends on the flow.
+    type Msg: Send;
+    /// The flow's host socket.
+    fn sock(&self) -> &UdpSocket;
+    /// Send one of the guest's messages out of the host socket.
+    fn send(&mut self, m: Self::Msg) -> impl std::future::Future<Output = ()> + Send;
+    /// Carry what the host socket received to the guest; whether anything arrived.
+    fn receive(&mut self) -> bool;
+    /// Pass an error from the socket's error queue on to the guest.
+    fn report(&self, e: Option<HostError>);
+    /// Traffic the loop did not see (a fast path) since it last asked.
+    fn active(&self) -> bool {
+        false
+    }
+    /// Under the flow table's lock: stay (false) when `busy()` says datagrams are queued,
+    /// else take the flow's entry out if it is still this flow's (true).
+    fn retire(&self, busy: &dyn Fn() -> bool) -> bool;
+    /// The flow has ended.
+    fn closed(&self) {}
+}
+
+enum Event<M> {
+    Msg(Option<M>),
     Readable(io::Result<()>),
     Error(io::Result<tokio::io::Ready>),
     Idle,
 }
 
-impl Flow {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Datagram>) {
-        let timeout = self.shared.config.udp_timeout;
-        let idle = tokio::time::sleep(timeout);
-        tokio::pin!(idle);
-        loop {
-            let event = tokio::select! {
-                d = inbox.recv() => Event::Datagram(d),
-                r = self.host.sock.readable() => Event::Readable(r),
-                r = self.host.sock.ready(Interest::ERROR) => Event::Error(r),
-                () = &mut idle => Event::Idle,
-            };
-            match event {
-                Event::Datagram(None) => break,
-                Event::Datagram(Some(d)) => {
-                    self.send(d).await;
+/// One flow's task: the guest's messages out, the host's in, ICMP errors from the error
+/// queue on to the guest, until the flow is idle for `timeout` or its socket fails.
+pub(crate) async fn run_flow<F: HostFlow>(
+    mut f: F,
+    mut inbox: mpsc::Receiver<F::Msg>,
+    timeout: std::time::Duration,
+) {
+    let idle = tokio::time::sleep(timeout);
+    tokio::pin!(idle);
+    loop {
+        let event = tokio::select! {
+            m = inbox.recv() => Event::Msg(m),
+            r = f.sock().readable() => Event::Readable(r),
+            r = f.sock().ready(Interest::ERROR) => Event::Error(r),
+            () = &mut idle => Event::Idle,
+        };
+        match event {
+            Event::Msg(None) => break,
+            Event::Msg(Some(m)) => {
+                f.send(m).await;
+                idle.as_mut().reset(Instant::now() + timeout);
+            }
+            Event::Readable(Err(_)) | Event::Error(Err(_)) => break,
+            Event::Readable(Ok(())) => {
+                if f.receive() {
                     idle.as_mut().reset(Instant::now() + timeout);
                 }
-                Event::Readable(Err(_)) | Event::Error(Err(_)) => break,
-                Event::Readable(Ok(())) => {
-                    if self.receive() {
-                        idle.as_mut().reset(Instant::now() + timeout);
+            }
+            Event::Error(Ok(_)) => {
+                let fd = f.sock().as_raw_fd();
+                for _ in 0..BATCH {
+                    match f.sock().try_io(Interest::ERROR, || recv_error(fd)) {
+                        Ok(e) => f.report(e),
+                        Err(_) => break,
                     }
-                }
-                Event::Error(Ok(_)) => {
-                    let sock = &self.host.sock;
-                    let fd = sock.as_raw_fd();
-                    for _ in 0..BATCH {
-                        match sock.try_io(Interest::ERROR, || recv_error(fd)) {
-                            Ok(e) => self.report(e),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Event::Idle => {
-                    if self.host.active.swap(false, Ordering::Relaxed) {
-                        // Datagrams went out on the fast path meanwhile.
-                        idle.as_mut().reset(Instant::now() + timeout);
-                        continue;
-                    }
-                    let mut flows = lock(&self.shared.udp_flows);
-                    // route() queues under this lock: nothing can slip in after this check.
-                    if !inbox.is_empty() {
-                        idle.as_mut().reset(Instant::now() + timeout);
-                        continue;
-                    }
-                    if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
-                        flows.remove(&self.key);
-                    }
-                    drop(flows);
-                    self.closed();
-                    return;
                 }
             }
+            Event::Idle => {
+                // route() queues under the table's lock: nothing can slip in after retire.
+                if f.active() || !f.retire(&|| !inbox.is_empty()) {
+                    idle.as_mut().reset(Instant::now() + timeout);
+                    continue;
+                }
+                f.closed();
+                return;
+            }
         }
-        // The socket failed: take the entry out (if still ours) so the next datagram opens anew.
+    }
+    // The socket failed: take the entry out (if still ours) so the next message opens anew.
+    f.retire(&|| false);
+    f.closed();
+}
+
+impl HostFlow for Flow {
+    type Msg = Datagram;
+
+    fn sock(&self) -> &UdpSocket {
+        &self.host.sock
+    }
+
+    fn send(&mut self, d: Datagram) -> impl std::future::Future<Output = ()> + Send {
+        Flow::send(self, d)
+    }
+
+    fn receive(&mut self) -> bool {
+        Flow::receive(self)
+    }
+
+    fn report(&self, e: Option<HostError>) {
+        Flow::report(self, e)
+    }
+
+    fn active(&self) -> bool {
+        self.host.active.swap(false, Ordering::Relaxed)
+    }
+
+    fn retire(&self, busy: &dyn Fn() -> bool) -> bool {
         let mut flows = lock(&self.shared.udp_flows);
+        if busy() {
+            return false;
+        }
         if flows.get(&self.key).is_some_and(|h| h.id == self.id) {
             flows.remove(&self.key);
         }
-        drop(flows);
-        self.closed();
+        true
     }
 
     fn closed(&self) {
@@ -377,7 +425,9 @@ impl Flow {
         FlowCounters::inc(&c.closed);
         FlowCounters::dec(&c.open);
     }
+}
 
+impl Flow {
     /// Send a guest datagram out of the host socket.
     async fn send(&mut self, d: Datagram) {
         let c = &self.shared.udp_counters;
