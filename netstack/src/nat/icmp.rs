@@ -25,8 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::udp::{
-    is_resource_error, lock, recv_error, run_flow, set_recverr, with_buffer, HostError, HostFlow,
-    HostTtl,
+    is_resource_error, lock, run_flow, set_recverr, with_buffer, HostError, HostFlow, HostTtl,
 };
 use super::uplink::{IcmpError, Original};
 use super::{FlowCounters, Shared, Target};
@@ -499,21 +498,6 @@ impl PingFlow {
         );
         FlowCounters::inc(&self.shared.icmp_counters.echo_replies);
         true
-    }
-
-    fn drain_errors(&self) -> usize {
-        let fd = self.sock.as_raw_fd();
-        let mut n = 0;
-        while n < BATCH {
-            match recv_error(fd) {
-                Ok(e) => {
-                    n += 1;
-                    self.report(e);
-                }
-                Err(_) => break,
-            }
-        }
-        n
     }
 
     /// Send the guest the ICMP error `e` (if it is one to pass on) about its echo request.

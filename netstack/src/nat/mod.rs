@@ -363,11 +363,7 @@ impl Nat {
     /// routes, see [`crate::GatewayConfig::routed_tcp_len`]) without copying it. Must be
     /// called inside a tokio runtime.
     pub fn route_tcp(&self, src_mac: MacAddr, packet: Bytes) {
-        if let Err(packet) = tcp::route_existing(&self.shared, src_mac, packet) {
-            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-            self.shared.learn(src, src_mac);
-            tcp::route(&self.shared, src_mac, packet);
-        }
+        tcp::route(&self.shared, src_mac, packet);
     }
 
     /// Route a guest's UDP datagram (one the gateway routes, see
@@ -389,15 +385,12 @@ impl Nat {
 
     /// Route one packet from a guest. Must be called inside a tokio runtime.
     pub fn route(&self, packet: Routed) {
-        let (ip, mac) = match &packet {
-            Routed::Tcp { src_mac, packet } => (
-                Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
-                *src_mac,
-            ),
-            Routed::Udp { src_mac, src, .. } => (*src.ip(), *src_mac),
-            Routed::Icmp { src_mac, src, .. } => (*src, *src_mac),
-        };
-        self.shared.learn(ip, mac);
+        // (TCP learns the guest's MAC in tcp::route, for segments of no connection.)
+        match &packet {
+            Routed::Tcp { .. } => {}
+            Routed::Udp { src_mac, src, .. } => self.shared.learn(*src.ip(), *src_mac),
+            Routed::Icmp { src_mac, src, .. } => self.shared.learn(*src, *src_mac),
+        }
         match packet {
             Routed::Tcp { src_mac, packet } => {
                 tcp::route(&self.shared, src_mac, Bytes::from(packet))

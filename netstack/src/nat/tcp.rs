@@ -47,33 +47,6 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Hand a segment (the whole IPv4 packet) to the connection it belongs to, if the NAT
-/// carries one; otherwise give it back.
-pub(crate) fn route_existing(
-    shared: &Arc<Shared>,
-    src_mac: MacAddr,
-    packet: Bytes,
-) -> Result<(), Bytes> {
-    let c = &shared.tcp_counters;
-    let Some((key, flags)) = parse(&packet) else {
-        return Err(packet);
-    };
-    let mut flows = shared.tcp_flows.lock().unwrap();
-    let Some((_, inbox)) = flows.get(&key) else {
-        return Err(packet);
-    };
-    match inbox.try_send(packet) {
-        Ok(()) => {}
-        Err(TrySendError::Full) => FlowCounters::inc(&c.drop_queue_full),
-        Err(TrySendError::Closed(p)) => {
-            flows.remove(&key);
-            drop(flows);
-            no_connection(shared, src_mac, &p, flags);
-        }
-    }
-    Ok(())
-}
-
 /// Route one TCP segment from a guest (the whole IPv4 packet).
 pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
     let c = &shared.tcp_counters;
@@ -97,6 +70,9 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
             }
         }
     }
+    // Not a connection's segment: remember where the guest is (a connection's own segments
+    // need not: it keeps its guest's MAC).
+    shared.learn(*key.guest.ip(), src_mac);
     if !checksum_ok(&packet) {
         FlowCounters::inc(&c.drop_malformed);
         return;

@@ -315,6 +315,22 @@ pub(crate) trait HostFlow: Send {
     fn receive(&mut self) -> bool;
     /// Pass an error from the socket's error queue on to the guest.
     fn report(&self, e: Option<HostError>);
+    /// Read the error queue dry (bounded), passing each error on; how many it held.
+    fn drain_errors(&self) -> usize {
+        let fd = self.sock().as_raw_fd();
+        let mut n = 0;
+        while n < BATCH {
+            match recv_error(fd) {
+                Ok(e) => {
+                    n += 1;
+                    self.report(e);
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
     /// Traffic the loop did not see (a fast path) since it last asked.
     fn active(&self) -> bool {
         false
@@ -489,22 +505,6 @@ impl Flow {
             }
         }
         any
-    }
-
-    /// Read the error queue dry (bounded); how many entries it held.
-    fn drain_errors(&self) -> usize {
-        let fd = self.host.sock.as_raw_fd();
-        let mut n = 0;
-        while n < BATCH {
-            match recv_error(fd) {
-                Ok(e) => {
-                    n += 1;
-                    self.report(e);
-                }
-                Err(_) => break,
-            }
-        }
-        n
     }
 
     /// Send the guest the ICMP error `e` (if it is one to pass on) about its last datagram.
