@@ -61,6 +61,23 @@ impl GatewayConfig {
         ip == self.host_ip || ip == self.dns_ip || self.host_aliases.contains(&ip)
     }
 
+    /// A source no guest may use: ours, multicast, broadcast, loopback.
+    fn bad_source(&self, src: Ipv4Addr) -> bool {
+        self.owns(src) || src.is_multicast() || src.is_broadcast() || src.is_loopback()
+    }
+
+    /// An on-link destination other than ours: switched, never routed through the gateway.
+    fn switched(&self, dst: Ipv4Addr) -> bool {
+        dst != self.dns_ip && !self.owns(dst) && self.on_link(dst)
+    }
+
+    /// UDP to `dst:port` is for a local service (the DNS server). When the DNS address is the
+    /// host address too (Lima's user-v2 plan), only port 53 is; the host address's other
+    /// ports are the host's loopback.
+    fn local_udp(&self, dst: Ipv4Addr, port: u16) -> bool {
+        dst == self.dns_ip && (self.dns_ip != self.host_ip || port == 53)
+    }
+
     /// The length of the IPv4 packet at the start of `ip` when [`Gateway::receive`] would
     /// route it to the NAT as TCP without anything else to do (a valid, unfragmented header
     /// from a guest address, to a routed destination); None otherwise. Lets a caller take
@@ -88,9 +105,8 @@ impl GatewayConfig {
             return None;
         }
         let (sport, dport) = (udp.src_port(), udp.dst_port());
-        let local = dst == self.dns_ip && (self.dns_ip != self.host_ip || dport == 53);
         let ttl = ip[8];
-        if local || ttl <= 1 {
+        if self.local_udp(dst, dport) || ttl <= 1 {
             return None;
         }
         let start = ihl + 8;
@@ -120,13 +136,11 @@ impl GatewayConfig {
         }
         let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let bad_src =
-            self.owns(src) || src.is_multicast() || src.is_broadcast() || src.is_loopback();
         let not_routed = dst.is_broadcast()
             || dst == self.broadcast()
             || dst.is_multicast()
-            || (dst != self.dns_ip && !self.owns(dst) && self.on_link(dst));
-        (!bad_src && !not_routed).then_some((total, ihl))
+            || self.switched(dst);
+        (!self.bad_source(src) && !not_routed).then_some((total, ihl))
     }
 }
 
@@ -329,7 +343,7 @@ impl Gateway {
             return;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if self.config.owns(src) || src.is_multicast() || src.is_broadcast() || src.is_loopback() {
+        if self.config.bad_source(src) {
             self.counters.drop_bad_source += 1;
             return;
         }
@@ -340,21 +354,19 @@ impl Gateway {
             });
         }
         let broadcast = dst.is_broadcast() || dst == self.config.broadcast();
-        let local = dst == self.config.dns_ip;
         if broadcast || dst.is_multicast() {
             // Only DHCP is served to broadcasts; multicast is not routed.
             if ip.next_header() == IpProtocol::Udp {
-                self.on_udp(src_mac, &ip, false, out);
+                self.on_udp(src_mac, &ip, out);
             }
             return;
         }
-        if !local && !self.config.owns(dst) && self.config.on_link(dst) {
-            // On-link destinations are switched, never routed through the gateway.
+        if self.config.switched(dst) {
             self.counters.drop_no_route += 1;
             return;
         }
         match ip.next_header() {
-            IpProtocol::Udp => self.on_udp(src_mac, &ip, local, out),
+            IpProtocol::Udp => self.on_udp(src_mac, &ip, out),
             IpProtocol::Icmp => self.on_icmp(src_mac, &ip, out),
             IpProtocol::Tcp => {
                 self.counters.routed += 1;
@@ -368,13 +380,7 @@ impl Gateway {
         }
     }
 
-    fn on_udp(
-        &mut self,
-        src_mac: MacAddr,
-        ip: &Ipv4Packet<&[u8]>,
-        local: bool,
-        out: &mut Vec<Output>,
-    ) {
+    fn on_udp(&mut self, src_mac: MacAddr, ip: &Ipv4Packet<&[u8]>, out: &mut Vec<Output>) {
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
             self.counters.drop_malformed_udp += 1;
@@ -389,10 +395,9 @@ impl Gateway {
         let dst = SocketAddrV4::new(dst, repr.dst_port);
         let payload = udp.payload().to_vec();
         let to_broadcast = dst.ip().is_broadcast() || *dst.ip() == self.config.broadcast();
-        // When the DNS address is the host address too (Lima's user-v2 plan), only port 53
-        // is the local DNS service; the host address's other ports are the host's loopback.
-        let local = local && (self.config.dns_ip != self.config.host_ip || repr.dst_port == 53);
-        if local || (repr.dst_port == DHCP_SERVER_PORT && to_broadcast) {
+        if self.config.local_udp(*dst.ip(), repr.dst_port)
+            || (repr.dst_port == DHCP_SERVER_PORT && to_broadcast)
+        {
             self.counters.udp_local += 1;
             out.push(Output::Udp(UdpDatagram {
                 src_mac,
