@@ -167,11 +167,16 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     };
     let gateway = Gateway::new(gateway_config.clone());
     let sink_port = port.clone();
-    let nat = Nat::new(nat_config, Arc::new(move |f: Bytes| sink_port.send(f)));
+    let nat = Nat::new(
+        nat_config,
+        Arc::new(move |f: Bytes, partial| sink_port.send_partial(f, partial)),
+    );
     let (fast_nat, fast_config) = (nat.clone(), gateway_config.clone());
     switch.set_fast_path(
         &port,
-        Arc::new(move |frame: &Bytes| fast_path(&fast_config, &fast_nat, frame)),
+        Arc::new(move |frame: &Bytes, partial| {
+            fast_path(&fast_config, &fast_nat, frame, partial.is_some())
+        }),
     );
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
@@ -205,8 +210,9 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
 
 /// The gateway's fast path: a guest's TCP segment or UDP datagram goes to the NAT from the
 /// sending port's task, without a copy or a trip through the gateway's queue and task, when
-/// it is one the gateway would only route (everything else takes the full path).
-fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes) -> bool {
+/// it is one the gateway would only route (everything else takes the full path). `partial`:
+/// its checksum is left partial by the guest's kernel, nothing to verify.
+fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes, partial: bool) -> bool {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
         return false;
     }
@@ -217,10 +223,10 @@ fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes) -> bool {
             let Some(len) = config.routed_tcp_len(ip) else {
                 return false;
             };
-            nat.route_tcp(src_mac, frame.slice(14..14 + len));
+            nat.route_tcp(src_mac, frame.slice(14..14 + len), partial);
         }
         17 => {
-            let Some((src, dst, ttl, payload)) = config.routed_udp(ip) else {
+            let Some((src, dst, ttl, payload)) = config.routed_udp(ip, partial) else {
                 return false;
             };
             let payload = frame.slice(14 + payload.start..14 + payload.end);

@@ -11,6 +11,11 @@
 //! [`Switch::attach_large`]: they may send and receive frames of up to 64 KiB (one large TCP
 //! segment, cut to the MTU by the kernel behind the port); every other port gets frames of
 //! at most MTU + 14 bytes, and larger ones for it are dropped as oversize.
+//!
+//! A frame may enter with its TCP or UDP checksum left partial ([`Partial`]: a tap guest's
+//! kernel computes none, the NAT computes none for such a guest). Only a port's fast path sees
+//! it so (the tap hands it on with `NEEDS_CSUM`, the gateway trusts it); for everything else,
+//! a port's queue, a broadcast, the capture, the switch completes the checksum first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub use netstack::offload::Partial;
 use netstack::MacAddr;
 
 /// Identifies one port of the switch.
@@ -81,8 +87,9 @@ struct Port {
 }
 
 /// A port's synchronous receiver for unicast frames: true when it took the frame, false to
-/// have it queued as usual. Runs on the sending port's task, outside the switch's lock.
-pub type FastPath = Arc<dyn Fn(&Bytes) -> bool + Send + Sync>;
+/// have it queued as usual (with its checksum completed). Runs on the sending port's task,
+/// outside the switch's lock. `Some(partial)`: the frame's checksum is left partial.
+pub type FastPath = Arc<dyn Fn(&Bytes, Option<Partial>) -> bool + Send + Sync>;
 
 /// The largest frame between ports that take large frames: a 64 KiB IP packet and its
 /// Ethernet header.
@@ -220,11 +227,18 @@ impl Switch {
         }
     }
 
-    fn forward(&self, from: PortId, from_large: bool, frame: Bytes) {
-        self.forward_at(from, from_large, frame, Instant::now())
+    fn forward(&self, from: PortId, from_large: bool, frame: Bytes, partial: Option<Partial>) {
+        self.forward_at(from, from_large, frame, partial, Instant::now())
     }
 
-    fn forward_at(&self, from: PortId, from_large: bool, frame: Bytes, now: Instant) {
+    fn forward_at(
+        &self,
+        from: PortId,
+        from_large: bool,
+        mut frame: Bytes,
+        mut partial: Option<Partial>,
+        now: Instant,
+    ) {
         let c = &self.counters;
         if frame.len() < 14 {
             SwitchCounters::bump(&c.drop_runt);
@@ -249,6 +263,7 @@ impl Switch {
         SwitchCounters::bump(&c.frames_in);
         c.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
         if let Some(capture) = self.capture.get() {
+            frame = complete(frame, partial.take());
             capture.record(&frame);
         }
         let mut st = self.state.lock().unwrap();
@@ -268,6 +283,7 @@ impl Switch {
             }
         }
         if dst[0] & 1 == 1 {
+            let frame = complete(frame, partial);
             for (id, port) in st.ports.iter() {
                 if *id != from {
                     self.enqueue(port, frame.clone());
@@ -286,7 +302,7 @@ impl Switch {
                 drop(st);
                 // A large frame for a port that takes none is cut first (below).
                 if let Some(fast) = fast.filter(|_| large || frame.len() <= self.max_frame) {
-                    if fast(&frame) {
+                    if fast(&frame, partial) {
                         if frame.len() > self.max_frame {
                             SwitchCounters::bump(&c.large_frames);
                         }
@@ -294,6 +310,10 @@ impl Switch {
                         c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                         return;
                     }
+                }
+                // Cutting a large frame computes every piece's checksum anyway.
+                if large || frame.len() <= self.max_frame {
+                    frame = complete(frame, partial);
                 }
                 self.enqueue_to(&tx, large, frame);
             }
@@ -346,7 +366,12 @@ impl PortTx {
 
     /// A frame entered the switch from this port.
     pub fn send(&self, frame: Bytes) {
-        self.switch.forward(self.id, self.large, frame);
+        self.switch.forward(self.id, self.large, frame, None);
+    }
+
+    /// A frame whose checksum is left partial entered the switch from this port.
+    pub fn send_partial(&self, frame: Bytes, partial: Option<Partial>) {
+        self.switch.forward(self.id, self.large, frame, partial);
     }
 
     /// Count a framing error seen by this port's transport.
@@ -363,6 +388,20 @@ impl PortTx {
     pub fn detach(&self) {
         self.switch.detach(self.id);
     }
+}
+
+/// `frame` with its partial checksum (if any) completed: in place when nothing else holds
+/// the frame, in a copy otherwise.
+fn complete(frame: Bytes, partial: Option<Partial>) -> Bytes {
+    let Some(p) = partial else {
+        return frame;
+    };
+    let mut m = frame
+        .try_into_mut()
+        .unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+    // Partial::of_ipv4 checked the offsets against the frame, so this cannot fail.
+    p.complete(&mut m);
+    m.freeze()
 }
 
 #[cfg(test)]
@@ -415,11 +454,12 @@ mod tests {
         let (pb, _rb) = sw.attach("b");
         let (pc, mut rc) = sw.attach("c");
         let t0 = Instant::now();
-        sw.forward_at(pa.id(), false, frame([0xff; 6], A), t0);
+        sw.forward_at(pa.id(), false, frame([0xff; 6], A), None, t0);
         sw.forward_at(
             pb.id(),
             false,
             frame(A, B),
+            None,
             t0 + MAC_AGING + Duration::from_secs(1),
         );
         assert!(
@@ -427,10 +467,10 @@ mod tests {
             "an aged-out MAC still got unicast"
         );
         // A moves to port c (a VM restarted on another connection).
-        sw.forward_at(pc.id(), false, frame([0xff; 6], A), t0);
-        sw.forward_at(pb.id(), false, frame(A, B), t0);
+        sw.forward_at(pc.id(), false, frame([0xff; 6], A), None, t0);
+        sw.forward_at(pb.id(), false, frame(A, B), None, t0);
         drain(&mut rc);
-        sw.forward_at(pb.id(), false, frame(A, B), t0);
+        sw.forward_at(pb.id(), false, frame(A, B), None, t0);
         assert_eq!(drain(&mut rc).len(), 1);
     }
 
@@ -511,5 +551,58 @@ mod tests {
         full.resize(1514, 0); // exactly MTU + 14 passes
         pa.send(Bytes::from(full));
         assert_eq!(drain(&mut rb).len(), 1);
+    }
+
+    /// A UDP frame from A to B with its checksum left partial, and the same frame whole.
+    fn partial_udp(dst: MacAddr, src: MacAddr) -> (Bytes, Partial, Bytes) {
+        let mut f = frame(dst, src)[..12].to_vec();
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 32, 0, 0, 0, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&[192, 168, 5, 15, 192, 168, 5, 2]);
+        f.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51, 0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+        let p = Partial::leave(&mut f).expect("IPv4 UDP");
+        let mut whole = f.clone();
+        assert!(p.complete(&mut whole));
+        (Bytes::from(f), p, Bytes::from(whole))
+    }
+
+    #[test]
+    fn partial_checksums_reach_fast_paths_and_are_completed_for_queues() {
+        let sw = Switch::new(1500);
+        let (pa, mut ra) = sw.attach("a");
+        let (pb, mut rb) = sw.attach("b");
+        let (pc, mut rc) = sw.attach("c");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        sw.set_fast_path(
+            &pc,
+            Arc::new(move |f: &Bytes, p| {
+                s.lock().unwrap().push((f.clone(), p));
+                true
+            }),
+        );
+        pb.send(frame([0xff; 6], B));
+        pc.send(frame([0xff; 6], C));
+        drain(&mut ra);
+        drain(&mut rb);
+        drain(&mut rc);
+        // To a port with a queue: completed, and valid.
+        let (f, p, whole) = partial_udp(B, A);
+        pa.send_partial(f, Some(p));
+        let got = drain(&mut rb);
+        assert_eq!(got, vec![whole]);
+        let udp = smoltcp::wire::UdpPacket::new_checked(&got[0][34..]).unwrap();
+        assert!(udp.verify_checksum(
+            &smoltcp::wire::IpAddress::v4(192, 168, 5, 15),
+            &smoltcp::wire::IpAddress::v4(192, 168, 5, 2)
+        ));
+        // To a fast path: as it is, said partial.
+        let (f, p, _) = partial_udp(C, A);
+        pa.send_partial(f.clone(), Some(p));
+        assert_eq!(seen.lock().unwrap().as_slice(), &[(f, Some(p))]);
+        // Broadcast: completed for everyone.
+        let (f, p, whole) = partial_udp([0xff; 6], A);
+        pa.send_partial(f, Some(p));
+        assert_eq!(drain(&mut rb), vec![whole.clone()]);
+        assert_eq!(drain(&mut rc), vec![whole]);
     }
 }

@@ -76,7 +76,7 @@ pub fn new_nat() -> (Nat, mpsc::UnboundedReceiver<Bytes>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let nat = Nat::new(
         nat_config(),
-        Arc::new(move |f: Bytes| {
+        Arc::new(move |f: Bytes, _partial| {
             let _ = tx.send(f);
         }),
     );

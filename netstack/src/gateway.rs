@@ -91,9 +91,12 @@ impl GatewayConfig {
     /// [`Gateway::receive`] would route it to the NAT without anything else to do (as
     /// [`GatewayConfig::routed_tcp_len`], with a valid UDP header and checksum, for no local
     /// service, with TTL left): source, destination, TTL and where the payload is in `ip`.
+    /// `partial`: the checksum is left partial by a local stack (see
+    /// [`crate::offload::Partial`]), not verified.
     pub fn routed_udp(
         &self,
         ip: &[u8],
+        partial: bool,
     ) -> Option<(SocketAddrV4, SocketAddrV4, u8, std::ops::Range<usize>)> {
         let (total, ihl) = self.routed_ipv4(ip, 17)?;
         let udp = UdpPacket::new_checked(&ip[ihl..total]).ok()?;
@@ -101,7 +104,7 @@ impl GatewayConfig {
             Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         );
-        if !udp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
+        if !partial && !udp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
             return None;
         }
         let (sport, dport) = (udp.src_port(), udp.dst_port());

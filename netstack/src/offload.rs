@@ -64,6 +64,64 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool 
     true
 }
 
+/// A checksum left for the receiver, as virtio-net's `NEEDS_CSUM` and Linux's
+/// `CHECKSUM_PARTIAL` leave it: the 16-bit field at `start + offset` (offsets into the frame)
+/// holds the folded pseudo-header sum, and the one's complement sum of everything from `start`
+/// to the end, stored there complemented, completes it. Frames carrying one come from a local
+/// stack that computed nothing (a tap guest's kernel) or go to one that verifies nothing: no
+/// wire crossed, so there is nothing to verify. Whoever hands such a frame to a port that
+/// wants whole frames completes it first ([`Partial::complete`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partial {
+    pub start: u16,
+    pub offset: u16,
+}
+
+impl Partial {
+    /// The partial checksum of the TCP or UDP packet after the IPv4 header of the Ethernet
+    /// frame `frame`: None unless it is IPv4 TCP or UDP with a header that holds together.
+    pub fn of_ipv4(frame: &[u8]) -> Option<Partial> {
+        const ETH: usize = 14;
+        if frame.get(12..14)? != [0x08, 0x00] || *frame.get(ETH)? >> 4 != 4 {
+            return None;
+        }
+        let ihl = usize::from(*frame.get(ETH)? & 0x0f) * 4;
+        let offset = match *frame.get(ETH + 9)? {
+            6 => 16,
+            17 => 6,
+            _ => return None,
+        };
+        let start = ETH + ihl;
+        (ihl >= 20 && start + offset + 2 <= frame.len()).then_some(Partial {
+            start: start as u16,
+            offset: offset as u16,
+        })
+    }
+
+    /// Write the folded pseudo-header sum of the IPv4 TCP or UDP frame `frame` into its
+    /// checksum field, leaving the rest for the receiver: the frame's [`Partial`], or None
+    /// (frame unchanged) when it is not one of those.
+    pub fn leave(frame: &mut [u8]) -> Option<Partial> {
+        let p = Partial::of_ipv4(frame)?;
+        let ip = &frame[14..];
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let len = total.checked_sub(usize::from(p.start) - 14)?;
+        let mut pseudo = [0u8; 12];
+        pseudo[0..8].copy_from_slice(&ip[12..20]);
+        pseudo[9] = ip[9];
+        pseudo[10..12].copy_from_slice(&(len as u16).to_be_bytes());
+        let at = usize::from(p.start + p.offset);
+        frame[at..at + 2].copy_from_slice(&ones_sum(&pseudo).to_be_bytes());
+        Some(p)
+    }
+
+    /// Complete the checksum in `frame`. False (frame unchanged) when the offsets lie outside
+    /// the frame.
+    pub fn complete(self, frame: &mut [u8]) -> bool {
+        complete_checksum(frame, usize::from(self.start), usize::from(self.offset))
+    }
+}
+
 /// Cut the Ethernet frame `frame` (IPv4, TCP, valid headers) into frames whose IP packets fit
 /// `mtu`, each with its own IP length, identification and checksum, TCP sequence number,
 /// flags (FIN and PSH on the last only, CWR on the first only) and checksum. None when the
@@ -192,6 +250,38 @@ mod tests {
             &caps,
         );
         f
+    }
+
+    #[test]
+    fn partial_checksums_left_and_completed_are_valid() {
+        let payload: Vec<u8> = (0..999u32).map(|i| (i * 31 % 256) as u8).collect();
+        let whole = tcp_frame(&payload, TcpControl::Psh);
+        let mut f = whole.clone();
+        let p = Partial::leave(&mut f).expect("IPv4 TCP");
+        assert_eq!((p.start, p.offset), (34, 16));
+        assert_ne!(
+            f[50..52],
+            whole[50..52],
+            "only the pseudo-header sum is there"
+        );
+        assert!(p.complete(&mut f));
+        assert_eq!(f, whole, "completed, it is the checksum computed whole");
+        // Not TCP or UDP, not IPv4, truncated: none.
+        let mut icmp = whole.clone();
+        icmp[14 + 9] = 1;
+        let before = icmp.clone();
+        assert_eq!(Partial::leave(&mut icmp), None);
+        assert_eq!(icmp, before, "left unchanged");
+        assert_eq!(Partial::of_ipv4(&whole[..40]), None);
+        let mut v6 = whole.clone();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(Partial::of_ipv4(&v6), None);
+        // Offsets past the frame complete nothing.
+        let lying = Partial {
+            start: 34,
+            offset: 60000,
+        };
+        assert!(!lying.complete(&mut f));
     }
 
     #[test]

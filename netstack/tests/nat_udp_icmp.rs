@@ -43,7 +43,7 @@ impl Harness {
         let mut config = NatConfig::new(GW_MAC, MTU, Ipv4Addr::new(192, 168, 5, 0), 24, HOST, DNS);
         tweak(&mut config);
         let (tx, frames) = mpsc::unbounded_channel();
-        let sink = Arc::new(move |f: Bytes| {
+        let sink = Arc::new(move |f: Bytes, _partial| {
             let _ = tx.send(f);
         });
         Harness {

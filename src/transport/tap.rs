@@ -8,9 +8,12 @@
 //! a GSO header (`gso_size` = what fits the MTU), which its stack takes whole, as it takes
 //! what GRO builds. The other way the kernel is told we take partial checksums and TCPv4
 //! segmentation (`TUNSETOFFLOAD` `TUN_F_CSUM | TUN_F_TSO4`): the guest sends TCP in segments
-//! of up to 64 KiB and computes no checksums; the reader completes each checksum
-//! (`NEEDS_CSUM`), so every frame entering the switch is whole and valid, and the switch cuts
-//! large segments for ports that do not take them.
+//! of up to 64 KiB and computes no checksums (`NEEDS_CSUM`). Such a frame enters the switch
+//! with its checksum marked partial ([`Partial`]): the gateway takes it as it is (nothing
+//! crossed a wire), the switch completes it for any other port and cuts large segments for
+//! ports that do not take them. Frames to the guest with a partial checksum (the NAT computes
+//! none for a guest on this port) go out with `NEEDS_CSUM`, which the guest's kernel takes
+//! as verified.
 
 use std::ffi::CString;
 use std::io;
@@ -27,7 +30,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::switch::{PortRx, PortTx, Switch, SwitchCounters};
+use crate::switch::{Partial, PortRx, PortTx, Switch, SwitchCounters};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -43,26 +46,42 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
 
-/// Make the frame after a virtio-net header `h` whole: complete its checksum when the header
-/// says it is partial. False for what we never enabled (other GSO types) or offsets that lie.
-fn accept_offloaded(h: &[u8], frame: &mut [u8]) -> bool {
+/// What the virtio-net header `h` says of the frame after it: Ok(Some) for the partial
+/// checksum of an IPv4 TCP or UDP packet, left so; Ok(None) for a whole frame (any other
+/// partial checksum is completed here). Err for what we never enabled (other GSO types) and
+/// for checksum offsets that lie.
+fn accept_offloaded(h: &[u8], frame: &mut [u8]) -> Result<Option<Partial>, ()> {
     if h[1] & !VIRTIO_NET_HDR_GSO_ECN != 0
         && h[1] & !VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_TCPV4
     {
-        return false;
+        return Err(());
     }
-    if h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-        let start = usize::from(u16::from_le_bytes([h[6], h[7]]));
-        let offset = usize::from(u16::from_le_bytes([h[8], h[9]]));
-        return netstack::offload::complete_checksum(frame, start, offset);
+    if h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+        return Ok(None);
     }
-    true
+    let said = Partial {
+        start: u16::from_le_bytes([h[6], h[7]]),
+        offset: u16::from_le_bytes([h[8], h[9]]),
+    };
+    // Left partial only where the frame's own TCP or UDP checksum is: the switch and the
+    // gateway rely on that.
+    match Partial::of_ipv4(frame) {
+        Some(p) if p == said => Ok(Some(p)),
+        _ if said.complete(frame) => Ok(None),
+        _ => Err(()),
+    }
 }
 
-/// The virtio-net header for `frame` on a link of `mtu`: all zero for a frame that fits,
-/// a TCPv4 GSO header for a larger IPv4 TCP segment, None for any other large frame.
-fn vnet_header(frame: &[u8], mtu: usize) -> Option<[u8; VNET_HDR_LEN]> {
+/// The virtio-net header for `frame` on a link of `mtu`: all zero for a whole frame that
+/// fits, `NEEDS_CSUM` for a partial checksum, a TCPv4 GSO header for a larger IPv4 TCP
+/// segment, None for any other large frame.
+fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8; VNET_HDR_LEN]> {
     let mut h = [0u8; VNET_HDR_LEN];
+    if let Some(p) = partial {
+        h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        h[6..8].copy_from_slice(&p.start.to_le_bytes());
+        h[8..10].copy_from_slice(&p.offset.to_le_bytes());
+    }
     if frame.len() <= mtu + 14 {
         return Some(h);
     }
@@ -114,7 +133,10 @@ pub fn start(
         port: port.clone(),
     });
     let direct = Arc::clone(&egress);
-    switch.set_fast_path(&port, Arc::new(move |frame: &Bytes| direct.offer(frame)));
+    switch.set_fast_path(
+        &port,
+        Arc::new(move |frame: &Bytes, partial| direct.offer(frame, partial)),
+    );
     tokio::spawn(serve(egress, port, rx));
     Ok(())
 }
@@ -133,15 +155,18 @@ struct Egress {
 
 #[derive(Default)]
 struct EgressState {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<(Bytes, Option<Partial>)>,
     /// The writer task has taken a frame from the queue and not yet written it.
     writing: bool,
 }
 
 impl Egress {
     /// The switch's fast path for this port: takes every unicast frame (true).
-    fn offer(&self, frame: &Bytes) -> bool {
-        let Some(header) = self.header(frame) else {
+    fn offer(&self, frame: &Bytes, partial: Option<Partial>) -> bool {
+        if partial.is_some() && !self.vnet {
+            return false; // the switch completes it and queues it
+        }
+        let Some(header) = self.header(frame, partial) else {
             return true;
         };
         let mut st = self.state.lock().unwrap();
@@ -166,7 +191,7 @@ impl Egress {
             SwitchCounters::bump(&self.port.switch().counters().drop_queue_full);
             return true;
         }
-        st.queue.push_back(frame.clone());
+        st.queue.push_back((frame.clone(), partial));
         drop(st);
         self.notify.notify_one();
         true
@@ -182,11 +207,11 @@ impl Egress {
 
     /// The virtio-net header for `frame` (zeroes without offload); None (counted) for a frame
     /// this device cannot take.
-    fn header(&self, frame: &[u8]) -> Option<[u8; VNET_HDR_LEN]> {
+    fn header(&self, frame: &[u8], partial: Option<Partial>) -> Option<[u8; VNET_HDR_LEN]> {
         if !self.vnet {
             return Some([0; VNET_HDR_LEN]);
         }
-        let h = vnet_header(frame, self.mtu);
+        let h = vnet_header(frame, self.mtu, partial);
         if h.is_none() {
             self.port.framing_error();
         }
@@ -194,8 +219,8 @@ impl Egress {
     }
 
     /// Write `frame`, waiting until the device takes it. Errors other than EIO end the port.
-    async fn write(&self, frame: &Bytes) -> io::Result<()> {
-        let Some(header) = self.header(frame) else {
+    async fn write(&self, frame: &Bytes, partial: Option<Partial>) -> io::Result<()> {
+        let Some(header) = self.header(frame, partial) else {
             return Ok(());
         };
         let r = self
@@ -215,7 +240,7 @@ impl Egress {
     async fn run_writer(&self, rx: &mut PortRx) -> io::Error {
         loop {
             loop {
-                let frame = {
+                let (frame, partial) = {
                     let mut st = self.state.lock().unwrap();
                     let Some(f) = st.queue.pop_front() else {
                         break;
@@ -223,7 +248,7 @@ impl Egress {
                     st.writing = true;
                     f
                 };
-                let r = self.write(&frame).await;
+                let r = self.write(&frame, partial).await;
                 self.state.lock().unwrap().writing = false;
                 if let Err(e) = r {
                     return e;
@@ -233,7 +258,7 @@ impl Egress {
                 () = self.notify.notified() => {}
                 f = rx.frames.recv() => match f {
                     Some(f) => {
-                        if let Err(e) = self.write(&f).await {
+                        if let Err(e) = self.write(&f, None).await {
                             return e;
                         }
                     }
@@ -303,11 +328,18 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
                         unsafe { buf.set_len(n) };
                         let mut frame = buf.split_to(n);
                         let h = frame.split_to(hdr);
-                        if vnet && !accept_offloaded(&h, &mut frame) {
-                            port.framing_error();
-                            continue;
-                        }
-                        port.send(frame.freeze());
+                        let partial = if vnet {
+                            match accept_offloaded(&h, &mut frame) {
+                                Ok(p) => p,
+                                Err(()) => {
+                                    port.framing_error();
+                                    continue;
+                                }
+                            }
+                        } else {
+                            None
+                        };
+                        port.send_partial(frame.freeze(), partial);
                     }
                     Err(e) => return e,
                 }
@@ -419,37 +451,65 @@ mod tests {
 
     #[test]
     fn headers_for_small_and_large_frames() {
-        assert_eq!(vnet_header(&tcp_frame(1400), 1500), Some([0; 10]));
-        let h = vnet_header(&tcp_frame(60000), 1500).unwrap();
+        assert_eq!(vnet_header(&tcp_frame(1400), 1500, None), Some([0; 10]));
+        let p = Partial {
+            start: 34,
+            offset: 16,
+        };
+        let h = vnet_header(&tcp_frame(1400), 1500, Some(p)).unwrap();
+        assert_eq!(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(h[6..10], [34, 0, 16, 0]);
+        let h = vnet_header(&tcp_frame(60000), 1500, None).unwrap();
         assert_eq!(h[1], VIRTIO_NET_HDR_GSO_TCPV4);
         assert_eq!(u16::from_le_bytes([h[2], h[3]]), 14 + 20 + 32);
         assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1500 - 20 - 32);
         // Large but not IPv4 TCP, or truncated: not sent.
         let mut udp = tcp_frame(60000);
         udp[14 + 9] = 17;
-        assert_eq!(vnet_header(&udp, 1500), None);
-        assert_eq!(vnet_header(&[0u8; 1600], 1500), None);
+        assert_eq!(vnet_header(&udp, 1500, None), None);
+        assert_eq!(vnet_header(&[0u8; 1600], 1500, None), None);
     }
 
     #[test]
-    fn offloaded_frames_are_completed_or_refused() {
+    fn offloaded_frames_are_left_partial_completed_or_refused() {
         let mut f = tcp_frame(100);
         let mut h = [0u8; VNET_HDR_LEN];
-        assert!(accept_offloaded(&h, &mut f), "no offload: taken as is");
+        assert_eq!(
+            accept_offloaded(&h, &mut f),
+            Ok(None),
+            "no offload: taken as is"
+        );
         h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
         h[6..8].copy_from_slice(&34u16.to_le_bytes());
         h[8..10].copy_from_slice(&16u16.to_le_bytes());
-        assert!(accept_offloaded(&h, &mut f));
-        assert_ne!(f[34 + 16..34 + 18], [0, 0], "the checksum was filled in");
+        let p = Partial {
+            start: 34,
+            offset: 16,
+        };
+        assert_eq!(
+            accept_offloaded(&h, &mut f),
+            Ok(Some(p)),
+            "IPv4 TCP: left partial"
+        );
+        assert_eq!(f[34 + 16..34 + 18], [0, 0], "and untouched");
+        // A partial checksum elsewhere (here: not IPv4) is completed.
+        let mut v6 = tcp_frame(100);
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(accept_offloaded(&h, &mut v6), Ok(None));
+        assert_ne!(v6[34 + 16..34 + 18], [0, 0], "the checksum was filled in");
+        // An IPv4 TCP frame whose header names another checksum field: completed there.
+        h[8..10].copy_from_slice(&6u16.to_le_bytes());
+        assert_eq!(accept_offloaded(&h, &mut f), Ok(None));
         h[8..10].copy_from_slice(&60000u16.to_le_bytes());
-        assert!(
-            !accept_offloaded(&h, &mut f),
+        assert_eq!(
+            accept_offloaded(&h, &mut f),
+            Err(()),
             "a checksum offset past the frame"
         );
         h[0] = 0;
         h[1] = VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN;
-        assert!(accept_offloaded(&h, &mut f));
+        assert_eq!(accept_offloaded(&h, &mut f), Ok(None));
         h[1] = 4; // TCPv6 GSO, never enabled
-        assert!(!accept_offloaded(&h, &mut f));
+        assert_eq!(accept_offloaded(&h, &mut f), Err(()));
     }
 }

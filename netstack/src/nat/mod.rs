@@ -60,8 +60,9 @@ pub struct NatConfig {
     /// when `None`.
     pub dns_tcp: Option<SocketAddrV4>,
     /// Which guests take TCP segments larger than the MTU (their port segments them, like a
-    /// tap with segmentation offload): their connections send segments of up to 64 KiB.
-    /// `None`: every segment fits the MTU.
+    /// tap with segmentation offload): their connections send segments of up to 64 KiB, and
+    /// their TCP and UDP frames leave checksums partial (the port completes them or its
+    /// guest's kernel takes them so). `None`: every segment fits the MTU, every frame whole.
     pub large_segments: Option<LargeSegments>,
 }
 
@@ -325,6 +326,12 @@ impl Shared {
     }
 
     /// The local address to bind outgoing sockets to, if any.
+    /// Does the guest at `mac` sit behind a port with offload ([`NatConfig::large_segments`])?
+    /// It then takes TCP segments of up to 64 KiB and TCP and UDP checksums left partial.
+    pub(crate) fn offload_guest(&self, mac: MacAddr) -> bool {
+        (self.config.large_segments.as_ref()).is_some_and(|f| (f.0)(mac))
+    }
+
     pub(crate) fn bind_addr(&self, target: Ipv4Addr) -> Option<SocketAddr> {
         match self.config.outbound_addr {
             Some(a) if !target.is_loopback() => Some(SocketAddr::V4(SocketAddrV4::new(a, 0))),
@@ -360,10 +367,11 @@ impl Nat {
     }
 
     /// Route a guest's TCP segment (the whole, unfragmented IPv4 packet that the gateway
-    /// routes, see [`crate::GatewayConfig::routed_tcp_len`]) without copying it. Must be
-    /// called inside a tokio runtime.
-    pub fn route_tcp(&self, src_mac: MacAddr, packet: Bytes) {
-        tcp::route(&self.shared, src_mac, packet);
+    /// routes, see [`crate::GatewayConfig::routed_tcp_len`]) without copying it. `partial`:
+    /// its checksum is left partial by the guest's kernel (see [`crate::offload::Partial`]),
+    /// nothing to verify. Must be called inside a tokio runtime.
+    pub fn route_tcp(&self, src_mac: MacAddr, packet: Bytes, partial: bool) {
+        tcp::route(&self.shared, src_mac, packet, partial);
     }
 
     /// Route a guest's UDP datagram (one the gateway routes, see
@@ -393,7 +401,7 @@ impl Nat {
         }
         match packet {
             Routed::Tcp { src_mac, packet } => {
-                tcp::route(&self.shared, src_mac, Bytes::from(packet))
+                tcp::route(&self.shared, src_mac, Bytes::from(packet), false)
             }
             Routed::Udp {
                 src_mac,

@@ -11,8 +11,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,8 +24,8 @@ use smoltcp::wire::{
     HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpControl,
     TcpPacket, TcpRepr, TcpSeqNumber,
 };
-use socket2::SockRef;
-use tokio::net::{TcpSocket, TcpStream, UnixStream};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpStream, UnixStream};
 
 use super::inbox::{self, TrySendError};
 use super::{FlowCounters, Shared};
@@ -47,13 +48,18 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Route one TCP segment from a guest (the whole IPv4 packet).
-pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
+/// Route one TCP segment from a guest (the whole IPv4 packet). `partial`: its checksum is
+/// left partial by the guest's kernel; otherwise it is verified here (smoltcp verifies none).
+pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes, partial: bool) {
     let c = &shared.tcp_counters;
     let Some((key, flags)) = parse(&packet) else {
         FlowCounters::inc(&c.drop_malformed);
         return;
     };
+    if !partial && !checksum_ok(&packet) {
+        FlowCounters::inc(&c.drop_malformed);
+        return;
+    }
     let mut flows = shared.tcp_flows.lock().unwrap();
     if let Some((_, inbox)) = flows.get(&key) {
         match inbox.try_send(packet) {
@@ -73,10 +79,6 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes) {
     // Not a connection's segment: remember where the guest is (a connection's own segments
     // need not: it keeps its guest's MAC).
     shared.learn(*key.guest.ip(), src_mac);
-    if !checksum_ok(&packet) {
-        FlowCounters::inc(&c.drop_malformed);
-        return;
-    }
     if !flags.syn || flags.ack {
         drop(flows);
         return no_connection(shared, src_mac, &packet, flags);
@@ -220,18 +222,47 @@ impl Drop for Conn {
 }
 
 async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
+    let sock = Socket::new(
+        Domain::IPV4,
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if let SocketAddr::V4(t) = target {
         if let Some(bind) = shared.bind_addr(*t.ip()) {
-            sock.bind(bind)?;
+            sock.bind(&bind.into())?;
         }
     }
-    let stream = sock.connect(target).await?;
+    let pending = match sock.connect(&target.into()) {
+        Ok(()) => false,
+        // A connect to a listener on this machine is usually done when the call returns (the
+        // handshake runs within it): the reactor is waited for only when it is not.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => !connect_done(&sock),
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    if pending {
+        stream.writable().await?;
+    }
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
     let _ = stream.set_nodelay(true);
     let _ = SockRef::from(&stream).set_keepalive(true);
     let _ = SockRef::from(&stream)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
     Ok(stream)
+}
+
+/// Has the nonblocking connect of `sock` finished (connected or failed)?
+fn connect_done(sock: &Socket) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
 }
 
 impl Conn {
@@ -496,8 +527,32 @@ struct Buffers {
 // SAFETY: the mapping is owned by one connection task; only raw pointers cross threads.
 unsafe impl Send for Buffers {}
 
+/// Mappings of connections that ended with at most the first page of each half resident
+/// (a short connection: connect, a request, a reply, close), kept for the next connections
+/// so that starting one costs no mmap, munmap or page faults. At most [`SPARE_MAX`], so
+/// what they hold stays under 2 pages each.
+static SPARE: Mutex<Vec<SpareMapping>> = Mutex::new(Vec::new());
+const SPARE_MAX: usize = 64;
+const PAGE: usize = 4096;
+
+struct SpareMapping {
+    ptr: usize,
+    size: usize,
+}
+
 impl Buffers {
     fn new(size: usize) -> io::Result<Buffers> {
+        let spare = {
+            let mut spare = SPARE.lock().unwrap();
+            let at = spare.iter().rposition(|m| m.size == size);
+            at.map(|i| spare.swap_remove(i))
+        };
+        if let Some(m) = spare {
+            return Ok(Buffers {
+                ptr: m.ptr as *mut u8,
+                size,
+            });
+        }
         // SAFETY: a fresh private anonymous mapping; checked for failure below.
         let ptr = unsafe {
             libc::mmap(
@@ -547,8 +602,39 @@ impl Buffers {
     }
 }
 
+impl Buffers {
+    /// Only the first page of each half (or less) is resident.
+    fn barely_touched(&self) -> bool {
+        if self.size < PAGE || self.size % PAGE != 0 {
+            return false;
+        }
+        let pages = 2 * self.size / PAGE;
+        let mut resident = vec![0u8; pages];
+        // SAFETY: our own page-aligned mapping of `pages` pages; the vector has one byte each.
+        let r = unsafe { libc::mincore(self.ptr.cast(), 2 * self.size, resident.as_mut_ptr()) };
+        let half = pages / 2;
+        r == 0
+            && resident
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r & 1 == 0 || i == 0 || i == half)
+    }
+}
+
 impl Drop for Buffers {
     fn drop(&mut self) {
+        if self.barely_touched() {
+            let mut spare = SPARE.lock().unwrap();
+            if spare.len() < SPARE_MAX {
+                // What the next connection's rings find there is never read: a ring buffer
+                // only reads what was written into it.
+                spare.push(SpareMapping {
+                    ptr: self.ptr as usize,
+                    size: self.size,
+                });
+                return;
+            }
+        }
         // SAFETY: unmapping what `new` mapped; the socket over it is gone (see `socket`).
         unsafe { libc::munmap(self.ptr.cast(), 2 * self.size) };
     }
@@ -745,7 +831,7 @@ const LARGE_MTU: usize = 65535;
 
 impl<'a> GuestLink<'a> {
     fn new(shared: &'a Shared, mac: MacAddr) -> GuestLink<'a> {
-        let large = (shared.config.large_segments.as_ref()).is_some_and(|f| (f.0)(mac));
+        let large = shared.offload_guest(mac);
         GuestLink {
             rx: VecDeque::new(),
             shared,
@@ -872,6 +958,7 @@ impl Device for GuestLink<'_> {
                 shared: self.shared,
                 mac: self.mac,
                 acked: &mut self.acked,
+                partial: self.large,
             },
         ))
     }
@@ -881,6 +968,7 @@ impl Device for GuestLink<'_> {
             shared: self.shared,
             mac: self.mac,
             acked: &mut self.acked,
+            partial: self.large,
         })
     }
 
@@ -892,7 +980,15 @@ impl Device for GuestLink<'_> {
         } else {
             self.shared.uplink.mtu()
         };
+        // The IPv4 header checksum both ways (20 bytes); TCP's is verified in `route` (or
+        // left partial by the guest's kernel) and computed here only for guests that do not
+        // take it partial.
         caps.checksum = ChecksumCapabilities::default();
+        caps.checksum.tcp = if self.large {
+            phy::Checksum::None
+        } else {
+            phy::Checksum::Tx
+        };
         caps
     }
 }
@@ -909,18 +1005,25 @@ struct TxToken<'a> {
     shared: &'a Shared,
     mac: MacAddr,
     acked: &'a mut Option<u32>,
+    /// Leave the TCP checksum partial (the guest's port takes it so; smoltcp computes none).
+    partial: bool,
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut result = None;
         let acked = self.acked;
-        self.shared.uplink.send_with(self.mac, len, |b| {
+        let write = |b: &mut [u8]| {
             result = Some(f(b));
             if let Some(ack) = segment_ack(b) {
                 *acked = Some(ack);
             }
-        });
+        };
+        if self.partial {
+            self.shared.uplink.send_partial_with(self.mac, len, write);
+        } else {
+            self.shared.uplink.send_with(self.mac, len, write);
+        }
         result.expect("send_with calls its writer")
     }
 }

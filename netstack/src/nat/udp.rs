@@ -249,6 +249,7 @@ pub(crate) fn route(
         key,
         id,
         guest_mac: src_mac,
+        partial: shared.offload_guest(src_mac),
         target,
         host,
     };
@@ -297,6 +298,8 @@ struct Flow {
     key: Key,
     id: u64,
     guest_mac: MacAddr,
+    /// The guest takes UDP checksums left partial (see [`Shared::offload_guest`]).
+    partial: bool,
     /// The host side's destination (the host address mapped to 127.0.0.1).
     target: SocketAddrV4,
     host: Arc<HostSide>,
@@ -477,7 +480,8 @@ impl Flow {
         // per wake-up that the frames then share.
         let mut chunk = BytesMut::new();
         for _ in 0..BATCH {
-            let (shared, key, mac) = (&self.shared, self.key, self.guest_mac);
+            let (shared, key, mac, partial) =
+                (&self.shared, self.key, self.guest_mac, self.partial);
             if chunk.capacity() < UDP_HEADROOM + RECV_BUF {
                 chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
             }
@@ -485,7 +489,9 @@ impl Flow {
             let r = self.host.sock.try_recv_buf(&mut chunk).inspect(|&n| {
                 let frame = chunk.split_to(UDP_HEADROOM + n);
                 // Replies come from the address the guest sent to, not the one we talked to.
-                shared.uplink.send_udp_frame(mac, key.dst, key.guest, frame);
+                shared
+                    .uplink
+                    .send_udp_frame(mac, key.dst, key.guest, frame, partial);
             });
             if r.is_err() {
                 chunk.clear();

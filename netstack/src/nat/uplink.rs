@@ -12,13 +12,16 @@ use smoltcp::wire::{
 };
 
 use crate::frame::{write_ethernet, write_ipv4, write_udp, IPV4_HEADER_LEN};
+use crate::offload::Partial;
 use crate::MacAddr;
 
 /// Room before a UDP payload received in place: Ethernet, IPv4 and UDP headers.
 pub(crate) const UDP_HEADROOM: usize = ETHERNET_HEADER_LEN + IPV4_HEADER_LEN + UDP_HEADER_LEN;
 
-/// Where frames for the guests go (the gateway's switch port).
-pub type FrameSink = Arc<dyn Fn(Bytes) + Send + Sync>;
+/// Where frames for the guests go (the gateway's switch port): the frame, and where its
+/// checksum is left partial, if it is (only for guests that take that, see
+/// [`crate::nat::NatConfig::large_segments`]).
+pub type FrameSink = Arc<dyn Fn(Bytes, Option<Partial>) + Send + Sync>;
 
 /// An ICMP error a router sends back about a guest's packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +69,23 @@ impl Uplink {
         let mut frame = vec![0u8; ETHERNET_HEADER_LEN + ip_len];
         write_ethernet(&mut frame, self.mac, dst_mac);
         write(&mut frame[ETHERNET_HEADER_LEN..]);
-        (self.sink)(Bytes::from(frame));
+        (self.sink)(Bytes::from(frame), None);
+    }
+
+    /// Send a frame of `ip_len` IP bytes written by `write` (a TCP or UDP packet with no
+    /// checksum computed) to `dst_mac`, whose port completes or trusts checksums: the
+    /// checksum is left partial.
+    pub(crate) fn send_partial_with(
+        &self,
+        dst_mac: MacAddr,
+        ip_len: usize,
+        write: impl FnOnce(&mut [u8]),
+    ) {
+        let mut frame = vec![0u8; ETHERNET_HEADER_LEN + ip_len];
+        write_ethernet(&mut frame, self.mac, dst_mac);
+        write(&mut frame[ETHERNET_HEADER_LEN..]);
+        let partial = Partial::leave(&mut frame);
+        (self.sink)(Bytes::from(frame), partial);
     }
 
     /// Send a whole IPv4 packet, in fragments if it is over the MTU (DF clear).
@@ -87,18 +106,24 @@ impl Uplink {
 
     /// Send a UDP datagram from `src` to a guest at `dst` whose payload is already in
     /// `frame`, after [`UDP_HEADROOM`] bytes for the headers (no copy when it fits the MTU).
+    /// `partial`: the guest takes the checksum left partial.
     pub(crate) fn send_udp_frame(
         &self,
         dst_mac: MacAddr,
         src: SocketAddrV4,
         dst: SocketAddrV4,
         mut frame: BytesMut,
+        partial: bool,
     ) {
         let n = frame.len() - UDP_HEADROOM;
         if IPV4_HEADER_LEN + UDP_HEADER_LEN + n > self.mtu {
             return self.send_udp(dst_mac, src, dst, &frame[UDP_HEADROOM..]);
         }
         write_ethernet(&mut frame, self.mac, dst_mac);
+        let mut caps = ChecksumCapabilities::default();
+        if partial {
+            caps.udp = smoltcp::phy::Checksum::None;
+        }
         write_ipv4(
             &mut frame[ETHERNET_HEADER_LEN..],
             *src.ip(),
@@ -117,11 +142,16 @@ impl Uplink {
                     &IpAddress::Ipv4(*dst.ip()),
                     n,
                     |_| {}, // the payload is in place
-                    &ChecksumCapabilities::default(),
+                    &caps,
                 )
             },
         );
-        (self.sink)(frame.freeze());
+        let partial = if partial {
+            Partial::leave(&mut frame)
+        } else {
+            None
+        };
+        (self.sink)(frame.freeze(), partial);
     }
 
     /// Send a UDP datagram from `src` to a guest at `dst`.
