@@ -247,7 +247,7 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
         return Err(e);
     }
     let _ = stream.set_nodelay(true);
-    let _ = SockRef::from(&stream).set_keepalive(true);
+    // (Turns SO_KEEPALIVE on too.)
     let _ = SockRef::from(&stream)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
     Ok(stream)
