@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::hostsock::HostSocket;
 use bytes::Bytes;
 use smoltcp::wire::{Icmpv4Packet, IpProtocol, Ipv4Packet};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::udp::{
@@ -101,7 +101,7 @@ impl Pinger {
         &self,
         shared: &Shared,
         target: Ipv4Addr,
-    ) -> Result<(UdpSocket, bool), Option<io::Error>> {
+    ) -> Result<(HostSocket, bool), Option<io::Error>> {
         let mode = self.mode.load(Ordering::Relaxed);
         if mode == MODE_NONE {
             return Err(None);
@@ -164,7 +164,7 @@ fn denied(e: &io::Error) -> bool {
     )
 }
 
-fn setup(shared: &Shared, sock: Socket, target: Ipv4Addr, raw: bool) -> io::Result<UdpSocket> {
+fn setup(shared: &Shared, sock: Socket, target: Ipv4Addr, raw: bool) -> io::Result<HostSocket> {
     set_recverr(sock.as_raw_fd())?;
     if raw {
         // Echo replies only; errors about our echoes arrive in the error queue regardless.
@@ -187,7 +187,7 @@ fn setup(shared: &Shared, sock: Socket, target: Ipv4Addr, raw: bool) -> io::Resu
         sock.bind(&bind.into())?;
     }
     sock.connect(&SocketAddr::V4(SocketAddrV4::new(target, 0)).into())?;
-    UdpSocket::from_std(sock.into())
+    HostSocket::new(std::net::UdpSocket::from(sock))
 }
 
 /// Route one ICMP message from a guest (see the module docs).
@@ -365,7 +365,7 @@ struct PingFlow {
     id: u64,
     guest_mac: MacAddr,
     target: Ipv4Addr,
-    sock: UdpSocket,
+    sock: HostSocket,
     raw: bool,
     host_ident: u16,
     host_ttl: HostTtl,
@@ -375,7 +375,7 @@ struct PingFlow {
 impl HostFlow for PingFlow {
     type Msg = Echo;
 
-    fn sock(&self) -> &UdpSocket {
+    fn sock(&self) -> &HostSocket {
         &self.sock
     }
 
@@ -427,7 +427,7 @@ impl PingFlow {
         }
         Icmpv4Packet::new_unchecked(&mut msg[..]).fill_checksum();
         for attempt in 0..2 {
-            match self.sock.send(&msg).await {
+            match self.sock.send(&msg) {
                 Ok(_) => {
                     FlowCounters::inc(&ic.echo_requests);
                     return;

@@ -7,6 +7,7 @@
 //! Frames towards guests leave through the [`Uplink`]. Needs a tokio runtime.
 
 mod forward;
+mod hostsock;
 mod icmp;
 mod inbox;
 mod tcp;

@@ -16,11 +16,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::hostsock::HostSocket;
 use bytes::{Bytes, BytesMut};
 use smoltcp::wire::{Icmpv4DstUnreachable, IpProtocol, UDP_HEADER_LEN};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ pub(crate) struct FlowHandle {
 
 /// A flow's host socket and what its task and the fast path ([`route_fast`]) share about it.
 struct HostSide {
-    sock: UdpSocket,
+    sock: HostSocket,
     /// The IP_TTL set on the socket (0: none yet).
     ttl: AtomicU8,
     /// The guest's TTL (bits 32..40) and payload length of the last datagram sent, for ICMP
@@ -116,7 +116,7 @@ pub(crate) fn route_fast(
     };
     host.set_ttl(ttl);
     host.set_last(ttl, payload.len());
-    match host.sock.try_send(&payload) {
+    match host.sock.send(&payload) {
         Ok(_) => {
             FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
             host.active.store(true, Ordering::Relaxed);
@@ -281,7 +281,7 @@ fn offer(
     }
 }
 
-fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<UdpSocket> {
+fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<HostSocket> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     set_recverr(sock.as_raw_fd())?;
     let bind = shared
@@ -289,7 +289,7 @@ fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<UdpSocket> {
         .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
     sock.bind(&bind.into())?;
     sock.connect(&SocketAddr::V4(target).into())?;
-    UdpSocket::from_std(sock.into())
+    HostSocket::new(sock.into())
 }
 
 /// One flow's task state.
@@ -311,7 +311,7 @@ pub(crate) trait HostFlow: Send {
     /// What the guest sends on the flow.
     type Msg: Send;
     /// The flow's host socket.
-    fn sock(&self) -> &UdpSocket;
+    fn sock(&self) -> &HostSocket;
     /// Send one of the guest's messages out of the host socket.
     fn send(&mut self, m: Self::Msg) -> impl std::future::Future<Output = ()> + Send;
     /// Carry what the host socket received to the guest; whether anything arrived.
@@ -348,7 +348,7 @@ pub(crate) trait HostFlow: Send {
 enum Event<M> {
     Msg(Option<M>),
     Readable(io::Result<()>),
-    Error(io::Result<tokio::io::Ready>),
+    Error(io::Result<()>),
     Idle,
 }
 
@@ -408,7 +408,7 @@ pub(crate) async fn run_flow<F: HostFlow>(
 impl HostFlow for Flow {
     type Msg = Datagram;
 
-    fn sock(&self) -> &UdpSocket {
+    fn sock(&self) -> &HostSocket {
         &self.host.sock
     }
 
@@ -453,7 +453,7 @@ impl Flow {
         self.host.set_ttl(d.ttl);
         self.host.set_last(d.ttl, d.payload.len());
         for attempt in 0..2 {
-            match self.host.sock.send(&d.payload).await {
+            match self.host.sock.send(&d.payload) {
                 Ok(_) => {
                     FlowCounters::add(&c.bytes_from_guest, d.payload.len() as u64);
                     return;
@@ -594,7 +594,7 @@ pub(crate) fn is_resource_error(e: &io::Error) -> bool {
 pub(crate) struct HostTtl(Option<u8>);
 
 impl HostTtl {
-    pub(crate) fn set(&mut self, sock: &UdpSocket, guest_ttl: u8) {
+    pub(crate) fn set(&mut self, sock: &HostSocket, guest_ttl: u8) {
         let ttl = guest_ttl.saturating_sub(1).max(1);
         if self.0 != Some(ttl) {
             match SockRef::from(sock).set_ttl_v4(u32::from(ttl)) {
