@@ -146,6 +146,30 @@ pub struct FlowCounters {
     pub buffers_released: AtomicU64,
 }
 
+/// One count of a gauge of [`FlowCounters`] (`open`, `connecting`), given back when dropped:
+/// also when the task holding it is cancelled (a tap port's runtime ends with the port, and
+/// with it the connections it opened), so the limits that read the gauges never drift.
+pub(crate) struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    /// Count one more in `gauge`.
+    pub(crate) fn inc(gauge: &'a AtomicU64) -> Held<'a> {
+        FlowCounters::inc(gauge);
+        Held(gauge)
+    }
+
+    /// Take over a count already made in `gauge`.
+    pub(crate) fn taken(gauge: &'a AtomicU64) -> Held<'a> {
+        Held(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        FlowCounters::dec(self.0);
+    }
+}
+
 /// A snapshot of [`FlowCounters`].
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FlowStats {

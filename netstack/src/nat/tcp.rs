@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::inbox::{self, TrySendError};
-use super::{FlowCounters, Shared};
+use super::{FlowCounters, Held, Shared};
 use crate::frame::{write_ipv4, IPV4_HEADER_LEN};
 use crate::MacAddr;
 
@@ -268,17 +268,20 @@ fn connect_done(sock: &Socket) -> bool {
 impl Conn {
     async fn run(self, target: SocketAddr, syn: Bytes, mut inbox: inbox::Receiver) {
         let c = &self.shared.tcp_counters;
-        // In a function of its own, so that the task's future holds the connect's state or
-        // the relay's, never both.
-        let Some(stream) = self.establish(target, &syn, &mut inbox).await else {
+        let connecting = Held::taken(&c.connecting); // counted by route()
+                                                     // In a function of its own, so that the task's future holds the connect's state or
+                                                     // the relay's, never both.
+        let stream = self.establish(target, &syn, &mut inbox).await;
+        drop(connecting);
+        let Some(stream) = stream else {
             return;
         };
         FlowCounters::inc(&c.opened);
-        FlowCounters::inc(&c.open);
+        let open = Held::inc(&c.open);
         if let Err(e) = self.relay(stream, Opening::Accept(syn), &mut inbox).await {
             tracing::debug!("{} -> {target}: {e}", self.key.guest);
         }
-        FlowCounters::dec(&c.open);
+        drop(open);
         FlowCounters::inc(&c.closed);
     }
 
@@ -300,12 +303,10 @@ impl Conn {
                 r = &mut connecting => break r,
                 more = inbox.recv_all(&mut early) => {
                     if !more {
-                        FlowCounters::dec(&c.connecting);
                         return None;
                     }
                     // The guest gave up on the connect.
                     if early.drain(..).any(|p| parse(&p).is_some_and(|(_, f)| f.rst)) {
-                        FlowCounters::dec(&c.connecting);
                         FlowCounters::inc(&c.refused);
                         return None;
                     }
@@ -313,7 +314,6 @@ impl Conn {
                 }
             }
         };
-        FlowCounters::dec(&c.connecting);
         match result {
             Ok(Ok(s)) => Some(s),
             Ok(Err(e)) => {
@@ -797,11 +797,13 @@ pub(crate) fn forward_in<S: HostStream>(
     FlowCounters::inc(&c.opened);
     FlowCounters::inc(&c.open);
     tokio::spawn(async move {
+        let c = &conn.shared.tcp_counters;
+        let open = Held::taken(&c.open);
         if let Err(e) = conn.relay(stream, Opening::Connect, &mut rx).await {
             tracing::debug!("forward to {guest}: {e}");
         }
-        FlowCounters::dec(&conn.shared.tcp_counters.open);
-        FlowCounters::inc(&conn.shared.tcp_counters.closed);
+        drop(open);
+        FlowCounters::inc(&c.closed);
     });
 }
 

@@ -341,8 +341,6 @@ pub(crate) trait HostFlow: Send {
     /// Under the flow table's lock: stay (false) when `busy()` says datagrams are queued,
     /// else take the flow's entry out if it is still this flow's (true).
     fn retire(&self, busy: &dyn Fn() -> bool) -> bool;
-    /// The flow has ended.
-    fn closed(&self) {}
 }
 
 enum Event<M> {
@@ -395,14 +393,12 @@ pub(crate) async fn run_flow<F: HostFlow>(
                     idle.as_mut().reset(Instant::now() + timeout);
                     continue;
                 }
-                f.closed();
                 return;
             }
         }
     }
     // The socket failed: take the entry out (if still ours) so the next message opens anew.
     f.retire(&|| false);
-    f.closed();
 }
 
 impl HostFlow for Flow {
@@ -438,8 +434,12 @@ impl HostFlow for Flow {
         }
         true
     }
+}
 
-    fn closed(&self) {
+impl Drop for Flow {
+    /// The flow has ended (also when its task was cancelled: the runtime of the tap port whose
+    /// fast path opened it ended with the port).
+    fn drop(&mut self) {
         let c = &self.shared.udp_counters;
         FlowCounters::inc(&c.closed);
         FlowCounters::dec(&c.open);
