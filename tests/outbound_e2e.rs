@@ -710,6 +710,61 @@ fn idle_connection_releases_buffers_and_keeps_data() {
     );
 }
 
+/// A tap port runs its connections on its own runtime: when the tap goes away, they end with
+/// it, and the gauges the limits read (`tcp.open`, `tcp.connecting`) come back down at once
+/// rather than after the connect timeout or the connections' own end.
+#[test]
+fn connections_end_with_their_tap_and_give_back_their_counts() {
+    let Some(rig) = rig(
+        "connections_end_with_their_tap_and_give_back_their_counts",
+        &["--tcp-connect-timeout", "60"],
+    ) else {
+        return;
+    };
+    const N: usize = 5;
+    let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9011"], 't', 9011);
+    // One connection held open (a round, then 60 s of quiet), N connects that never complete.
+    let mut held =
+        BgProcess::spawn(rig.tool(&rig.g, &["echo-rounds", SERVER, "9011", "1000", "2", "60"]));
+    let mut pending = BgProcess::spawn(rig.tool(
+        &rig.g,
+        &["connect-many", "10.201.0.5", "80", &N.to_string(), "60"],
+    ));
+    let counts = |st: &Value| {
+        (
+            stat_u64(st, "tcp.open").unwrap_or(0),
+            stat_u64(st, "tcp.connecting").unwrap_or(0),
+        )
+    };
+    let st = rig.daemon.wait_stats(
+        Duration::from_secs(10),
+        &format!("tcp.open >= 1 and tcp.connecting >= {N}"),
+        |st| {
+            let (open, connecting) = counts(st);
+            open >= 1 && connecting >= N as u64
+        },
+    );
+    note(format!("before the tap went: {:?}", counts(&st)));
+    rig.g.ip_ok(&["link", "del", "tap0"]);
+    let st = rig.daemon.wait_stats(
+        Duration::from_secs(10),
+        "tcp.open and tcp.connecting back to 0 once the tap is gone",
+        |st| counts(st) == (0, 0),
+    );
+    let closed = stat_u64(&st, "tcp.closed").unwrap_or(0);
+    rig.check(
+        closed >= 1,
+        format!("the held connection counts as closed: {st}"),
+    );
+    rig.check(
+        rig.daemon.try_stats().is_ok(),
+        "the daemon keeps running without its tap",
+    );
+    held.kill();
+    pending.kill();
+    echo.kill();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. UDP
 // ---------------------------------------------------------------------------------------------

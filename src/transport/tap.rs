@@ -311,6 +311,9 @@ fn write_frame(fd: RawFd, header: &[u8; VNET_HDR_LEN], hdr: usize, frame: &[u8])
     }
 }
 
+/// How long the reader waits for a frame before it checks that the device is still there.
+const LIVENESS: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
     let (fd, vnet) = (Arc::clone(&egress.fd), egress.vnet);
     let hdr = egress.hdr_len();
@@ -327,20 +330,32 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
                 if buf.capacity() - buf.len() < max + 1 {
                     buf.reserve(4 * 65536);
                 }
-                let r = fd
-                    .async_io(Interest::READABLE, |fd| {
-                        let spare = buf.spare_capacity_mut();
-                        // SAFETY: reading into the spare capacity of our own buffer.
-                        let n = unsafe {
-                            libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len())
-                        };
-                        if n < 0 {
-                            Err(io::Error::last_os_error())
-                        } else {
-                            Ok(n as usize)
-                        }
-                    })
-                    .await;
+                let read = |buf: &mut BytesMut| {
+                    let spare = buf.spare_capacity_mut();
+                    // SAFETY: reading into the spare capacity of our own buffer.
+                    let n = unsafe {
+                        libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len())
+                    };
+                    if n < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(n as usize)
+                    }
+                };
+                let waited = tokio::time::timeout(
+                    LIVENESS,
+                    fd.async_io(Interest::READABLE, |_| read(&mut buf)),
+                )
+                .await;
+                // A deleted device wakes no reader: after a quiet while, read once anyway,
+                // which fails (EBADFD) when the device is gone.
+                let r = match waited {
+                    Ok(r) => r,
+                    Err(_) => match read(&mut buf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => r,
+                    },
+                };
                 match r {
                     Ok(0) => return io::Error::other("tap closed"),
                     Ok(n) if n < hdr => port.framing_error(),

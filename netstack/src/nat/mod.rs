@@ -149,24 +149,34 @@ pub struct FlowCounters {
 /// One count of a gauge of [`FlowCounters`] (`open`, `connecting`), given back when dropped:
 /// also when the task holding it is cancelled (a tap port's runtime ends with the port, and
 /// with it the connections it opened), so the limits that read the gauges never drift.
-pub(crate) struct Held<'a>(&'a AtomicU64);
+pub(crate) struct Held<'a> {
+    gauge: &'a AtomicU64,
+    /// Counted up when the count is given back (`closed` for `open`).
+    then: Option<&'a AtomicU64>,
+}
 
 impl<'a> Held<'a> {
-    /// Count one more in `gauge`.
-    pub(crate) fn inc(gauge: &'a AtomicU64) -> Held<'a> {
-        FlowCounters::inc(gauge);
-        Held(gauge)
-    }
-
     /// Take over a count already made in `gauge`.
     pub(crate) fn taken(gauge: &'a AtomicU64) -> Held<'a> {
-        Held(gauge)
+        Held { gauge, then: None }
+    }
+
+    /// Take over a count already made in `open`; `closed` counts one more when it is given
+    /// back.
+    pub(crate) fn open(open: &'a AtomicU64, closed: &'a AtomicU64) -> Held<'a> {
+        Held {
+            gauge: open,
+            then: Some(closed),
+        }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        FlowCounters::dec(self.0);
+        FlowCounters::dec(self.gauge);
+        if let Some(then) = self.then {
+            FlowCounters::inc(then);
+        }
     }
 }
 

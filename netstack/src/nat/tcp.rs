@@ -277,12 +277,11 @@ impl Conn {
             return;
         };
         FlowCounters::inc(&c.opened);
-        let open = Held::inc(&c.open);
+        FlowCounters::inc(&c.open);
+        let _open = Held::open(&c.open, &c.closed);
         if let Err(e) = self.relay(stream, Opening::Accept(syn), &mut inbox).await {
             tracing::debug!("{} -> {target}: {e}", self.key.guest);
         }
-        drop(open);
-        FlowCounters::inc(&c.closed);
     }
 
     /// Connect to `target` while the guest's SYN waits: the host stream, or None when the
@@ -798,12 +797,10 @@ pub(crate) fn forward_in<S: HostStream>(
     FlowCounters::inc(&c.open);
     tokio::spawn(async move {
         let c = &conn.shared.tcp_counters;
-        let open = Held::taken(&c.open);
+        let _open = Held::open(&c.open, &c.closed);
         if let Err(e) = conn.relay(stream, Opening::Connect, &mut rx).await {
             tracing::debug!("forward to {guest}: {e}");
         }
-        drop(open);
-        FlowCounters::inc(&c.closed);
     });
 }
 
