@@ -66,10 +66,11 @@ impl Uplink {
 
     /// Send a frame of `ip_len` IP bytes written by `write` to `dst_mac`.
     pub(crate) fn send_with(&self, dst_mac: MacAddr, ip_len: usize, write: impl FnOnce(&mut [u8])) {
-        let mut frame = vec![0u8; ETHERNET_HEADER_LEN + ip_len];
-        write_ethernet(&mut frame, self.mac, dst_mac);
-        write(&mut frame[ETHERNET_HEADER_LEN..]);
-        (self.sink)(Bytes::from(frame), None);
+        let frame = scratch::build(ETHERNET_HEADER_LEN + ip_len, |frame| {
+            write_ethernet(frame, self.mac, dst_mac);
+            write(&mut frame[ETHERNET_HEADER_LEN..]);
+        });
+        scratch::send(frame, |f| (self.sink)(f, None));
     }
 
     /// Send a frame of `ip_len` IP bytes written by `write` (a TCP or UDP packet with no
@@ -81,11 +82,13 @@ impl Uplink {
         ip_len: usize,
         write: impl FnOnce(&mut [u8]),
     ) {
-        let mut frame = vec![0u8; ETHERNET_HEADER_LEN + ip_len];
-        write_ethernet(&mut frame, self.mac, dst_mac);
-        write(&mut frame[ETHERNET_HEADER_LEN..]);
-        let partial = Partial::leave(&mut frame);
-        (self.sink)(Bytes::from(frame), partial);
+        let mut partial = None;
+        let frame = scratch::build(ETHERNET_HEADER_LEN + ip_len, |frame| {
+            write_ethernet(frame, self.mac, dst_mac);
+            write(&mut frame[ETHERNET_HEADER_LEN..]);
+            partial = Partial::leave(frame);
+        });
+        scratch::send(frame, |f| (self.sink)(f, partial));
     }
 
     /// Send a whole IPv4 packet, in fragments if it is over the MTU (DF clear).
@@ -227,5 +230,61 @@ impl Uplink {
                 )
             })
         });
+    }
+}
+
+/// Where the frames the NAT builds are built: one buffer per thread, built into again once
+/// the sink has let go of the last frame (the tap wrote it out at once), so that a frame costs
+/// no allocation and no zeroing of its 64 KiB.
+mod scratch {
+    use std::cell::{Cell, RefCell};
+
+    use bytes::{Bytes, BytesMut};
+
+    /// Room for the largest frame (a 64 KiB IP packet and its Ethernet header).
+    const SIZE: usize = 65535 + 14;
+    /// The headers a writer may leave bytes of unwritten (Ethernet, IPv4 and TCP with their
+    /// longest options): zeroed before every frame, as a fresh buffer would be.
+    const HEADERS: usize = 14 + 60 + 60;
+
+    thread_local! {
+        static BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+        /// How much of `BUF` has been initialized (written) since it was allocated.
+        static INIT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// A frame of `len` bytes written by `write` (after its headers are zeroed).
+    pub(super) fn build(len: usize, write: impl FnOnce(&mut [u8])) -> BytesMut {
+        let mut buf = BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if len > SIZE || buf.capacity() < SIZE {
+            buf = BytesMut::with_capacity(SIZE.max(len));
+            INIT.with(|i| i.set(0));
+        }
+        let init = INIT.with(Cell::get);
+        if init < len {
+            buf.clear();
+            buf.resize(len, 0);
+            INIT.with(|i| i.set(len));
+        } else {
+            // SAFETY: the first `init` bytes of this allocation were written before (zeroes
+            // or earlier frames) and nothing has uninitialized them since.
+            unsafe { buf.set_len(len) };
+            buf[..HEADERS.min(len)].fill(0);
+        }
+        write(&mut buf);
+        buf
+    }
+
+    /// Hand `frame` to `sink`; keep its buffer for the next frame if the sink kept no copy.
+    pub(super) fn send(frame: BytesMut, sink: impl FnOnce(Bytes)) {
+        let frame = frame.freeze();
+        sink(frame.clone());
+        if let Ok(buf) = frame.try_into_mut() {
+            if buf.capacity() >= SIZE {
+                BUF.with(|b| *b.borrow_mut() = buf);
+            }
+        } else {
+            INIT.with(|i| i.set(0)); // the next frame gets a buffer of its own
+        }
     }
 }
