@@ -287,4 +287,33 @@ mod scratch {
             INIT.with(|i| i.set(0)); // the next frame gets a buffer of its own
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_reused_buffer_carries_nothing_of_earlier_frames_in_its_headers() {
+            // A large frame written full, let go of by its sink: its buffer is reused.
+            let big = build(60_000, |b| b.fill(0xaa));
+            let first = big.as_ptr();
+            send(big, drop);
+            // A smaller frame whose writer leaves its headers unwritten.
+            let small = build(200, |b| b[HEADERS..].fill(0x55));
+            assert_eq!(small.as_ptr(), first, "the buffer was reused");
+            assert_eq!(small.len(), 200);
+            assert!(small[..HEADERS].iter().all(|&b| b == 0), "headers zeroed");
+            assert!(small[HEADERS..].iter().all(|&b| b == 0x55));
+            // A sink that keeps the frame: the next one gets a fresh, zeroed buffer.
+            let mut kept = None;
+            send(small, |f| kept = Some(f));
+            let next = build(70_000, |_| {});
+            assert_ne!(next.as_ptr(), first);
+            assert!(next.iter().all(|&b| b == 0), "a fresh buffer is all zeroes");
+            assert!(
+                kept.unwrap()[HEADERS..].iter().all(|&b| b == 0x55),
+                "the kept frame intact"
+            );
+        }
+    }
 }
