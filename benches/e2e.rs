@@ -901,6 +901,8 @@ mod harness {
         mtus: Vec<u32>,
         secs: u64,
         idle: usize,
+        /// Extra arguments for usernet (`E2E_USERNET_ARGS`, split at whitespace).
+        usernet_args: Vec<String>,
         vm: bool,
         vm_stacks: Vec<String>,
         vm_mtus: Vec<u32>,
@@ -956,6 +958,10 @@ mod harness {
                 mtus: nums(&env_or("E2E_MTUS", "1500,65520"), "E2E_MTUS"),
                 secs: env_or("E2E_SECONDS", "3").parse().expect("E2E_SECONDS"),
                 idle: env_or("E2E_IDLE", "10000").parse().expect("E2E_IDLE"),
+                usernet_args: env_or("E2E_USERNET_ARGS", "")
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect(),
                 vm: env_or("E2E_SKIP_VM", "0") != "1",
                 vm_stacks: list(&env_or("E2E_VM_STACKS", "usernet,passt")),
                 vm_mtus: nums(&env_or("E2E_VM_MTUS", "1500,65520"), "E2E_VM_MTUS"),
@@ -1104,6 +1110,7 @@ mod harness {
             Stack::Usernet => {
                 let mut c = rig.stack.exec(usernet());
                 c.args(["--tap-netns", &g.path(), "--mtu", &m]);
+                c.args(cfg.usernet_args.iter());
                 c.env("RUST_LOG", "info");
                 Bg::spawn(c, &log)?
             }
@@ -1796,6 +1803,7 @@ poweroff -f
             "usernet" => {
                 let mut c = rig.stack.exec(usernet());
                 c.args(["--listen-qemu", &s, "--mtu", &m]);
+                c.args(cfg.usernet_args.iter());
                 c.env("RUST_LOG", "info");
                 Bg::spawn(c, &dir.join("stack.log"))?
             }
@@ -2183,14 +2191,16 @@ poweroff -f
         let (table, ratios) = report(&cfg, &rows, &vms);
         let load_end = loadavg();
         println!(
-            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
             if uncommitted.is_empty() { String::new() } else { format!(" (uncommitted: {})", uncommitted.join(", ")) },
+            if cfg.usernet_args.is_empty() { String::new() } else { format!(", usernet args {}", cfg.usernet_args.join(" ")) },
             cfg.elapsed()
         );
         println!("{table}");
         let versions = json!({
             "usernet": sh(&format!("'{}' --version", usernet().display())),
             "usernet_built": usernet_built,
+            "usernet_args": cfg.usernet_args,
             "slirp4netns": sh("slirp4netns --version 2>/dev/null | head -n 1"),
             "passt": sh("dpkg-query -W -f '${Version}' passt 2>/dev/null"),
             "iperf3": sh("iperf3 --version 2>/dev/null | head -n 1"),

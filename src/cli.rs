@@ -65,6 +65,18 @@ pub struct Cli {
     /// TCP to a tap guest goes in segments of up to 64 KiB that its kernel takes whole).
     #[arg(long, help_heading = "Transports")]
     pub no_offload: bool,
+    /// After a frame from a tap guest, keep its port's thread polling for up to MICROS
+    /// microseconds before it sleeps (adaptive: the window shrinks for a guest that is mostly
+    /// quiet; 0: never). The answer to what the guest sent and its next frame are then taken
+    /// without waking a sleeping thread (a halted vCPU, on a virtual machine).
+    #[arg(
+        long,
+        value_name = "MICROS",
+        default_value_t = crate::transport::busypoll::DEFAULT_LIMIT.as_micros() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=10_000),
+        help_heading = "Transports"
+    )]
+    pub busy_poll: u64,
 
     /// A YAML file with plan keys (subnet, host-ip, ...), or a Lima networks.yaml.
     /// Example: --config ~/.lima/_config/networks.yaml --network user-v2
@@ -272,6 +284,8 @@ pub enum TransportSpec {
         name: String,
         /// Exchange large TCP segments with the kernel (virtio-net headers).
         offload: bool,
+        /// The longest busy polling after a frame from the guest (zero: none).
+        busy_poll: std::time::Duration,
     },
 }
 
@@ -323,6 +337,7 @@ impl Cli {
                 netns: netns.clone(),
                 name,
                 offload: !self.no_offload,
+                busy_poll: std::time::Duration::from_micros(self.busy_poll),
             });
         }
         t

@@ -276,7 +276,8 @@ async fn start_transports(
                 netns,
                 name,
                 offload,
-            } => tap::start(switch, netns, name, plan.mtu, *offload)?,
+                busy_poll,
+            } => tap::start(switch, netns, name, plan.mtu, *offload, *busy_poll)?,
         }
     }
     Ok(())

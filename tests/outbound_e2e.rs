@@ -765,6 +765,78 @@ fn connections_end_with_their_tap_and_give_back_their_counts() {
     echo.kill();
 }
 
+/// CPU time (user + system) of process `pid` so far, in milliseconds (10 ms ticks).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
+    // After the comm: state is field 3, utime 14, stime 15.
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    f.iter().sum::<u64>() * 1000 / hz
+}
+
+/// Busy polling (`--busy-poll`) keeps the tap port's thread polling while the guest talks
+/// and lets it sleep once the guest is quiet: the daemon's CPU time while the guest pings
+/// every 5 ms with a 10 ms limit, then while nothing happens, and with busy polling off.
+#[test]
+fn busy_polling_spins_while_the_guest_talks_and_sleeps_when_it_is_quiet() {
+    let test = "busy_polling_spins_while_the_guest_talks_and_sleeps_when_it_is_quiet";
+    for (limit, spins) in [("10000", true), ("0", false)] {
+        let Some(rig) = rig(test, &["--busy-poll", limit]) else {
+            return;
+        };
+        let pid = rig.daemon.pid().expect("daemon pid");
+        let before = cpu_ms(pid);
+        let t = Instant::now();
+        let out = run_with_deadline(
+            rig.g
+                .exec("busybox", &["ping", "-q", "-i", "0.005", "-c", "200", HOST]),
+            Duration::from_secs(20),
+        );
+        rig.check(out.success(), format!("pings answered\n{}", out.describe()));
+        let (talking, secs) = (cpu_ms(pid) - before, t.elapsed().as_secs_f64());
+        note(format!(
+            "--busy-poll {limit}: {talking} ms of CPU over {secs:.2} s of pings every 5 ms"
+        ));
+        if spins {
+            // Polling through the 5 ms gaps: a whole core when it has one (a quarter is the
+            // bar; a daemon that sleeps between pings uses about a twentieth).
+            rig.check(
+                talking as f64 >= 250.0 * secs,
+                format!("busy polling: {talking} ms CPU in {secs:.2} s"),
+            );
+        } else {
+            rig.check(
+                (talking as f64) < 250.0 * secs,
+                format!("no busy polling: {talking} ms CPU in {secs:.2} s"),
+            );
+        }
+        // Quiet: within 5 s a whole second passes with (almost) no CPU used.
+        let mut quiet = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while quiet.is_none() && Instant::now() < deadline {
+            let c0 = cpu_ms(pid);
+            std::thread::sleep(Duration::from_secs(1));
+            let used = cpu_ms(pid) - c0;
+            if used <= 20 {
+                quiet = Some(used);
+            }
+        }
+        rig.check(
+            quiet.is_some(),
+            format!(
+                "--busy-poll {limit}: the daemon still uses CPU 5 s after the guest went quiet"
+            ),
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. UDP
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! length prefix) and [`dgram`] (one frame per datagram); the rest are ways of getting such a
 //! socket: listening, connecting, an inherited fd, fds received over a unix socket, a tap device.
 
+pub mod busypoll;
 pub mod dgram;
 pub mod fd;
 pub mod fdpass;

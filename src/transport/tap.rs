@@ -20,6 +20,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -30,6 +31,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use super::busypoll::BusyPoll;
 use crate::switch::{Partial, PortRx, PortTx, Switch, SwitchCounters};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -110,13 +112,15 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
 /// runtime of several threads the reactor's thread was woken for every frame the guest queued
 /// while another thread was reading them, and a connection's every step woke another thread:
 /// about a third more CPU per connection, and large datagrams a fifth slower. Each tap port
-/// has its thread, so several guests use several cores.
+/// has its thread, so several guests use several cores. After each frame either way the thread
+/// keeps polling for a while ([`BusyPoll`], up to `busy_poll`) before it sleeps.
 pub fn start(
     switch: &Arc<Switch>,
     netns: &Path,
     name: &str,
     mtu: u16,
     offload: bool,
+    busy_poll: Duration,
 ) -> anyhow::Result<()> {
     let fd = create_in_netns(netns, name, mtu, offload)
         .map_err(|e| anyhow::anyhow!("tap-netns {}: creating {name}: {e}", netns.display()))?;
@@ -145,6 +149,7 @@ pub fn start(
         state: Mutex::new(EgressState::default()),
         notify: Notify::new(),
         port: port.clone(),
+        busy: BusyPoll::new(busy_poll),
     });
     let direct = Arc::clone(&egress);
     switch.set_fast_path(
@@ -172,6 +177,7 @@ struct Egress {
     state: Mutex<EgressState>,
     notify: Notify,
     port: PortTx,
+    busy: BusyPoll,
 }
 
 #[derive(Default)]
@@ -198,7 +204,10 @@ impl Egress {
                 self.hdr_len(),
                 frame,
             ) {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.busy.frame();
+                    return true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // EIO: the link is down in the namespace; the frame is lost, the port stays.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => return true,
@@ -250,6 +259,7 @@ impl Egress {
                 write_frame(fd.as_raw_fd(), &header, self.hdr_len(), frame)
             })
             .await;
+        self.busy.frame();
         match r {
             // EIO: the link is down in the namespace; the frame is lost, the port stays.
             Err(e) if e.raw_os_error() != Some(libc::EIO) => Err(e),
@@ -312,7 +322,7 @@ fn write_frame(fd: RawFd, header: &[u8; VNET_HDR_LEN], hdr: usize, frame: &[u8])
 }
 
 /// How long the reader waits for a frame before it checks that the device is still there.
-const LIVENESS: std::time::Duration = std::time::Duration::from_secs(2);
+const LIVENESS: Duration = Duration::from_secs(2);
 
 async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
     let (fd, vnet) = (Arc::clone(&egress.fd), egress.vnet);
@@ -322,6 +332,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
     } else {
         port.switch().max_frame()
     };
+    let busy = &egress.busy;
     let reader = {
         let (fd, port) = (Arc::clone(&fd), port.clone());
         async move {
@@ -376,6 +387,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
                             None
                         };
                         port.send_partial(frame.freeze(), partial);
+                        busy.frame();
                     }
                     Err(e) => return e,
                 }
@@ -386,6 +398,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
     tokio::select! {
         e = reader => tracing::info!(port = port.id(), "tap read ended: {e}"),
         e = writer => tracing::info!(port = port.id(), "tap write ended: {e}"),
+        () = busy.run() => {}
     }
     port.detach();
 }
