@@ -903,6 +903,8 @@ mod harness {
         idle: usize,
         /// Extra arguments for usernet (`E2E_USERNET_ARGS`, split at whitespace).
         usernet_args: Vec<String>,
+        /// Measure the no-stack reference (`E2E_SKIP_REFERENCE=1` to leave it out).
+        reference: bool,
         vm: bool,
         vm_stacks: Vec<String>,
         vm_mtus: Vec<u32>,
@@ -958,6 +960,7 @@ mod harness {
                 mtus: nums(&env_or("E2E_MTUS", "1500,65520"), "E2E_MTUS"),
                 secs: env_or("E2E_SECONDS", "3").parse().expect("E2E_SECONDS"),
                 idle: env_or("E2E_IDLE", "10000").parse().expect("E2E_IDLE"),
+                reference: env_or("E2E_SKIP_REFERENCE", "0") != "1",
                 usernet_args: env_or("E2E_USERNET_ARGS", "")
                     .split_whitespace()
                     .map(String::from)
@@ -1246,6 +1249,8 @@ mod harness {
     struct Ctx<'a> {
         cfg: &'a Config,
         rig: &'a Rig,
+        /// Where the clients run: the guest namespace G, or S for the reference (no stack).
+        client_ns: &'a ns::Netns,
         host: &'static str,
         stack_pid: u32,
         /// The stack's own log (usernet writes its SIGUSR1 stats line there).
@@ -1397,7 +1402,7 @@ mod harness {
         let cpu0 = ctx.cpu();
         let out = proc::run(
             ctx.cfg.child(
-                &ctx.rig.guest,
+                ctx.client_ns,
                 role,
                 &[ctx.host.into(), ECHO_PORT.to_string(), secs.to_string()],
             ),
@@ -1545,6 +1550,59 @@ mod harness {
             .unwrap_or(Value::Null)
     }
 
+    /// The reference: the same clients and echo server with no stack between them, both on S's
+    /// loopback. Not a peer to beat: what the machine allows for the ping-pong and the
+    /// connection rate, which every stack's figure is a share of.
+    fn run_reference(cfg: &Config) -> Row {
+        progress(
+            cfg,
+            "reference: no stack, client and server on one loopback",
+        );
+        let mut row = Row {
+            stack: "no stack".into(),
+            variant: "reference",
+            mtu: 0,
+            setup: Err(String::new()),
+            metrics: Vec::new(),
+        };
+        let rig = match cfg.budget_for(2 * cfg.secs + 20).and_then(|_| Rig::new()) {
+            Ok(r) => r,
+            Err(e) => {
+                row.setup = Err(e);
+                return row;
+            }
+        };
+        let log = cfg.logs.join("reference-servers.log");
+        let echo = Bg::spawn(
+            cfg.child(&rig.stack, "echo-server", &[ECHO_PORT.to_string()]),
+            &log,
+        )
+        .and_then(|mut e| {
+            e.wait_line(Duration::from_secs(10), |l| l == "READY")
+                .map(|_| e)
+        });
+        let echo = match echo {
+            Ok(e) => e,
+            Err(e) => {
+                row.setup = Err(format!("echo server: {e}"));
+                return row;
+            }
+        };
+        let ctx = Ctx {
+            cfg,
+            rig: &rig,
+            client_ns: &rig.stack,
+            host: "127.0.0.1",
+            stack_pid: echo.pid(),
+            stack_log: log.clone(),
+            log,
+        };
+        row.metrics.extend(latency(&ctx));
+        row.metrics.push(connrate(&ctx));
+        row.setup = Ok(json!({ "what": "client and echo server on S's loopback, no stack" }));
+        row
+    }
+
     fn run_stack(cfg: &Config, stack: Stack, mtu: u32, rows: &mut Vec<Row>) {
         progress(cfg, &format!("{} MTU {mtu}", stack.name()));
         let row = |setup, metrics| Row {
@@ -1576,6 +1634,7 @@ mod harness {
         let ctx = Ctx {
             cfg,
             rig: &rig,
+            client_ns: &rig.guest,
             host: stack.host_addr(),
             stack_pid: stack_bg.pid(),
             stack_log: stack_bg.log.clone(),
@@ -2077,6 +2136,38 @@ poweroff -f
                 out.push_str(&format!("| {} |\n", cells.join(" | ")));
             }
         }
+        if let Some(reference) = rows.iter().find(|r| r.variant == "reference") {
+            out.push_str(
+                "\n### Reference: no stack (the same clients and echo server on S's loopback); in brackets each stack's figure over it\n\n",
+            );
+            let mut head = vec!["metric".to_string(), "unit".into(), "no stack".into()];
+            let mut cols = Vec::new();
+            for &mtu in mtus {
+                for s in &cfg.stacks {
+                    head.push(format!("{} {mtu}", s.name()));
+                    cols.push((s.name(), mtu));
+                }
+            }
+            out.push_str(&format!("| {} |\n", head.join(" | ")));
+            out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
+            for (key, label, unit) in METRICS {
+                if reference.get(key).is_none() && reference.setup.is_ok() {
+                    continue;
+                }
+                let (c, base) = cell(Some(reference), key, &mut notes, "no stack");
+                let mut cells = vec![label.to_string(), unit.to_string(), c];
+                for &(stack, mtu) in &cols {
+                    let r = rows
+                        .iter()
+                        .find(|r| r.mtu == mtu && r.stack == stack && r.variant.is_empty());
+                    let (c, v) = cell(r, key, &mut notes, &format!("{stack} MTU {mtu}"));
+                    let (q, qv) = ratio(v, base);
+                    cells.push(if v.is_some() { format!("{c} ({q})") } else { c });
+                    ratios.push(json!({ "reference": true, "mtu": mtu, "metric": key, "stack": stack, "over_no_stack": qv }));
+                }
+                out.push_str(&format!("| {} |\n", cells.join(" | ")));
+            }
+        }
         if !vms.is_empty() {
             out.push_str(&format!(
                 "\n### QEMU TCG guest over -netdev stream (busybox nc, timed on the host side, {} s each way)\n\n",
@@ -2181,6 +2272,9 @@ poweroff -f
         );
 
         let mut rows = Vec::new();
+        if cfg.reference && !cfg.stacks.is_empty() {
+            rows.push(run_reference(&cfg));
+        }
         for &mtu in &cfg.mtus {
             for &stack in &cfg.stacks {
                 run_stack(&cfg, stack, mtu, &mut rows);
