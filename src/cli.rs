@@ -65,10 +65,11 @@ pub struct Cli {
     /// TCP to a tap guest goes in segments of up to 64 KiB that its kernel takes whole).
     #[arg(long, help_heading = "Transports")]
     pub no_offload: bool,
-    /// After a frame from a tap guest, keep its port's thread polling for up to MICROS
+    /// After a frame to or from a tap guest, keep its port's thread polling for up to MICROS
     /// microseconds before it sleeps (adaptive: the window shrinks for a guest that is mostly
     /// quiet; 0: never). The answer to what the guest sent and its next frame are then taken
-    /// without waking a sleeping thread (a halted vCPU, on a virtual machine).
+    /// without waking a sleeping thread (a halted vCPU, on a virtual machine). The price: a
+    /// guest that sends a frame at least every MICROS keeps one core busy.
     #[arg(
         long,
         value_name = "MICROS",
