@@ -277,7 +277,8 @@ async fn start_transports(
                 name,
                 offload,
                 busy_poll,
-            } => tap::start(switch, netns, name, plan.mtu, *offload, *busy_poll)?,
+                queues,
+            } => tap::start(switch, netns, name, plan.mtu, *offload, *busy_poll, *queues)?,
         }
     }
     Ok(())

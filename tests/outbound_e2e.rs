@@ -837,6 +837,105 @@ fn busy_polling_spins_while_the_guest_talks_and_sleeps_when_it_is_quiet() {
     }
 }
 
+/// CPU time (ms) of each thread of process `pid` named `comm`, summed; None without one.
+fn thread_cpu_ms(pid: u32, comm: &str) -> Option<u64> {
+    let mut found = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.trim_end() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let after = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
+        let ticks: u64 = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse::<u64>().unwrap_or(0))
+            .sum();
+        // SAFETY: sysconf only reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        *found.get_or_insert(0) += ticks * 1000 / hz;
+    }
+    found
+}
+
+/// `--tap-queues 2`: the guest's kernel sees a tap device with two queues, spreads its
+/// connections over them, and each queue's thread carries its share (32 connections each
+/// echoing 2 MiB: all on one queue has a chance of 2^-31). With one queue there is no second
+/// thread.
+#[test]
+fn tap_queues_each_carry_connections() {
+    let test = "tap_queues_each_carry_connections";
+    for queues in [2usize, 1] {
+        let Some(rig) = rig(test, &["--tap-queues", &queues.to_string()]) else {
+            return;
+        };
+        let out = run_with_deadline(
+            rig.g.exec("ls", &["/sys/class/net/tap0/queues"]),
+            Duration::from_secs(10),
+        );
+        let tx: Vec<&str> = out
+            .stdout
+            .split_whitespace()
+            .filter(|q| q.starts_with("tx-"))
+            .collect();
+        rig.check(
+            tx.len() == queues,
+            format!(
+                "the guest sees {queues} tx queues on tap0: {tx:?}\n{}",
+                out.describe()
+            ),
+        );
+        let pid = rig.daemon.pid().expect("daemon pid");
+        let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9012"], 't', 9012);
+        const N: u64 = 32;
+        let out = run_with_deadline(
+            rig.tool(
+                &rig.g,
+                &[
+                    "echo-many",
+                    SERVER,
+                    "9012",
+                    &N.to_string(),
+                    "2097152",
+                    "100",
+                ],
+            ),
+            Duration::from_secs(120),
+        );
+        let v = parse_last_json(&out.stdout).filter(|_| out.success());
+        if v.as_ref().is_none_or(|v| u(v, "ok") != N) {
+            rig.fail(format!(
+                "{N} connections each echoing 2 MiB over {queues} queue(s)\n{}\n{}",
+                out.describe(),
+                echo.describe()
+            ));
+        }
+        let first = thread_cpu_ms(pid, "tap tap0");
+        let second = thread_cpu_ms(pid, "tap tap0 q1");
+        note(format!(
+            "{queues} queue(s): queue threads' CPU {first:?} / {second:?} ms"
+        ));
+        rig.check(
+            first.is_some_and(|ms| ms >= 20),
+            format!("queue 0's thread carried connections: {first:?} ms"),
+        );
+        if queues == 2 {
+            rig.check(
+                second.is_some_and(|ms| ms >= 20),
+                format!("queue 1's thread carried connections: {second:?} ms"),
+            );
+        } else {
+            rig.check(second.is_none(), "one queue: no second queue thread");
+        }
+        echo.kill();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. UDP
 // ---------------------------------------------------------------------------------------------

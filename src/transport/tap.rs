@@ -38,6 +38,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_VNET_HDR: libc::c_int = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
 
 /// `struct virtio_net_hdr` (the legacy 10-byte header; little-endian fields on the
 /// little-endian machines this runs on, which the kernel assumes for tap by default).
@@ -114,6 +115,13 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
 /// about a third more CPU per connection, and large datagrams a fifth slower. Each tap port
 /// has its thread, so several guests use several cores. After each frame either way the thread
 /// keeps polling for a while ([`BusyPoll`], up to `busy_poll`) before it sleeps.
+///
+/// With `queues` > 1 the device is multi-queue (`IFF_MULTI_QUEUE`, as a virtio NIC with
+/// several queue pairs) and each queue has such a thread: the guest's kernel puts each flow on
+/// one queue (by hash, then where we last wrote that flow), the thread reading it opens the
+/// connection and writes its frames back through the same queue, so a connection still stays
+/// on one thread and several streams use several cores. Frames from elsewhere (the gateway,
+/// other ports) go out through queue 0, which also writes the switch's queued frames.
 pub fn start(
     switch: &Arc<Switch>,
     netns: &Path,
@@ -121,50 +129,110 @@ pub fn start(
     mtu: u16,
     offload: bool,
     busy_poll: Duration,
+    queues: usize,
 ) -> anyhow::Result<()> {
-    let fd = create_in_netns(netns, name, mtu, offload)
+    let queues = queues.clamp(1, MAX_QUEUES);
+    let fds = create_in_netns(netns, name, mtu, offload, queues)
         .map_err(|e| anyhow::anyhow!("tap-netns {}: creating {name}: {e}", netns.display()))?;
-    super::fd::set_nonblocking(&fd)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let fd = {
-        // Registered with the port's own reactor.
-        let _port_runtime = runtime.enter();
-        // SAFETY: the OwnedFd keeps the fd open and the same for the AsyncFd's whole life.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
-            .map_err(|e| e.into_parts().1)?
-    };
-    tracing::info!("serving tap {name} in {}", netns.display());
+    tracing::info!(
+        "serving tap {name} in {} ({queues} queue{})",
+        netns.display(),
+        if queues == 1 { "" } else { "s" }
+    );
     let label = format!("tap {name}@{}", netns.display());
     let (port, rx) = if offload {
         switch.attach_large(label)
     } else {
         switch.attach(label)
     };
-    let egress = Arc::new(Egress {
-        fd: Arc::new(fd),
-        vnet: offload,
-        mtu: usize::from(mtu),
-        state: Mutex::new(EgressState::default()),
-        notify: Notify::new(),
-        port: port.clone(),
-        busy: BusyPoll::new(busy_poll),
-    });
-    let direct = Arc::clone(&egress);
+    let mut rx = Some(rx);
+    let mut egresses = Vec::new();
+    let mut runtimes = Vec::new();
+    for fd in fds {
+        super::fd::set_nonblocking(&fd)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let fd = {
+            // Registered with the queue's own reactor.
+            let _port_runtime = runtime.enter();
+            // SAFETY: the OwnedFd keeps the fd open and the same for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| e.into_parts().1)?
+        };
+        egresses.push(Arc::new(Egress {
+            fd: Arc::new(fd),
+            vnet: offload,
+            mtu: usize::from(mtu),
+            state: Mutex::new(EgressState::default()),
+            notify: Notify::new(),
+            port: port.clone(),
+            busy: BusyPoll::new(busy_poll),
+        }));
+        runtimes.push(runtime);
+    }
+    let direct = egresses.clone();
     switch.set_fast_path(
         &port,
-        Arc::new(move |frame: &Bytes, partial| direct.offer(frame, partial)),
+        Arc::new(move |frame: &Bytes, partial| {
+            let q = QUEUE.with(|q| q.get()).min(direct.len() - 1);
+            direct[q].offer(frame, partial)
+        }),
     );
-    let thread_port = port.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("tap {name}"))
-        .spawn(move || runtime.block_on(serve(egress, thread_port, rx)));
-    if let Err(e) = spawned {
-        port.detach();
-        return Err(e.into());
+    let ended = Arc::new(Ended::default());
+    for (i, (egress, runtime)) in egresses.into_iter().zip(runtimes).enumerate() {
+        let thread_port = port.clone();
+        let rx = rx.take();
+        let ended = Arc::clone(&ended);
+        let thread = if i == 0 {
+            format!("tap {name}")
+        } else {
+            format!("tap {name} q{i}")
+        };
+        let spawned = std::thread::Builder::new().name(thread).spawn(move || {
+            QUEUE.with(|q| q.set(i));
+            runtime.block_on(serve(egress, thread_port, rx, &ended))
+        });
+        if let Err(e) = spawned {
+            port.detach();
+            return Err(e.into());
+        }
     }
     Ok(())
+}
+
+/// The most queues a tap device gets (`--tap-queues`).
+pub const MAX_QUEUES: usize = 16;
+
+thread_local! {
+    /// The tap queue this thread serves: what it sends to the guest goes out through it (and
+    /// the kernel then steers the guest's frames of that flow to the same queue). Any other
+    /// thread writes through queue 0.
+    static QUEUE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Set when one queue of a tap device has ended: the others end with it.
+#[derive(Default)]
+struct Ended {
+    done: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Ended {
+    fn set(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.done.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// Frames to the guest: written at once by whoever sends them (a connection's task, the
@@ -268,7 +336,7 @@ impl Egress {
     }
 
     /// The writer task: the queued frames, then the switch's queue (broadcasts), in order.
-    async fn run_writer(&self, rx: &mut PortRx) -> io::Error {
+    async fn run_writer(&self, mut rx: Option<&mut PortRx>) -> io::Error {
         loop {
             loop {
                 let (frame, partial) = {
@@ -287,7 +355,7 @@ impl Egress {
             }
             tokio::select! {
                 () = self.notify.notified() => {}
-                f = rx.frames.recv() => match f {
+                f = async { match rx.as_mut() { Some(rx) => rx.frames.recv().await, None => std::future::pending().await } } => match f {
                     Some(f) => {
                         if let Err(e) = self.write(&f, None).await {
                             return e;
@@ -324,7 +392,8 @@ fn write_frame(fd: RawFd, header: &[u8; VNET_HDR_LEN], hdr: usize, frame: &[u8])
 /// How long the reader waits for a frame before it checks that the device is still there.
 const LIVENESS: Duration = Duration::from_secs(2);
 
-async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
+/// One queue of the port (queue 0 also writes the switch's queued frames, `rx`).
+async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended: &Ended) {
     let (fd, vnet) = (Arc::clone(&egress.fd), egress.vnet);
     let hdr = egress.hdr_len();
     let max = if vnet {
@@ -394,53 +463,68 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: PortRx) {
             }
         }
     };
-    let writer = egress.run_writer(&mut rx);
+    let writer = egress.run_writer(rx.as_mut());
     tokio::select! {
         e = reader => tracing::info!(port = port.id(), "tap read ended: {e}"),
         e = writer => tracing::info!(port = port.id(), "tap write ended: {e}"),
         () = busy.run() => {}
+        () = ended.wait() => return,
     }
+    ended.set();
     port.detach();
 }
 
-fn create_in_netns(netns: &Path, name: &str, mtu: u16, vnet: bool) -> io::Result<OwnedFd> {
+fn create_in_netns(
+    netns: &Path,
+    name: &str,
+    mtu: u16,
+    vnet: bool,
+    queues: usize,
+) -> io::Result<Vec<OwnedFd>> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::other(format!("bad interface name {name:?}")));
     }
     let ns = std::fs::File::open(netns)?;
     let name = name.to_string();
     let path: PathBuf = netns.to_path_buf();
-    std::thread::spawn(move || -> io::Result<OwnedFd> {
+    std::thread::spawn(move || -> io::Result<Vec<OwnedFd>> {
         // This thread alone moves into the target namespace and ends there.
         nix::sched::unshare(CloneFlags::CLONE_FS).map_err(io::Error::from)?;
         setns(&ns, CloneFlags::CLONE_NEWNET)
             .map_err(|e| io::Error::other(format!("setns {}: {e}", path.display())))?;
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let fd = OwnedFd::from(tun);
-        let mut req = ifreq(&name)?;
-        let vnet_flag = if vnet { IFF_VNET_HDR } else { 0 };
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
-        // SAFETY: TUNSETIFF takes a pointer to an ifreq.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if vnet {
-            let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, TUNSETOFFLOAD an unsigned
-            // long by value (what we take from the kernel: partial checksums, TCPv4 GSO).
-            unsafe {
-                if libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) < 0
-                    || libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, TUN_F_CSUM | TUN_F_TSO4) < 0
-                {
-                    return Err(io::Error::last_os_error());
+        let mut fds = Vec::new();
+        for _ in 0..queues {
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")?;
+            let fd = OwnedFd::from(tun);
+            let mut req = ifreq(&name)?;
+            let vnet_flag = if vnet { IFF_VNET_HDR } else { 0 };
+            let mq_flag = if queues > 1 { IFF_MULTI_QUEUE } else { 0 };
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag | mq_flag) as libc::c_short;
+            // SAFETY: TUNSETIFF takes a pointer to an ifreq.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if vnet {
+                let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+                // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, TUNSETOFFLOAD an unsigned
+                // long by value (what we take from the kernel: partial checksums, TCPv4 GSO).
+                unsafe {
+                    if libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &size) < 0
+                        || libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, TUN_F_CSUM | TUN_F_TSO4)
+                            < 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
             }
+            fds.push(fd);
         }
         configure_link(&name, mtu)?;
-        Ok(fd)
+        Ok(fds)
     })
     .join()
     .map_err(|_| io::Error::other("tap creation thread panicked"))?
