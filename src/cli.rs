@@ -79,10 +79,11 @@ pub struct Cli {
     )]
     pub busy_poll: u64,
     /// Queues of each tap device (IFF_MULTI_QUEUE), each served by a thread of its own: the
-    /// guest's kernel spreads its connections over them, so several streams use several cores.
-    /// [default: 2 on a machine with two cores or more, else 1]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16), help_heading = "Transports")]
-    pub tap_queues: Option<u16>,
+    /// guest's kernel spreads its connections over them, so several streams use several cores
+    /// (on two cores: a third more with four TCP streams, a sixth fewer short connections per
+    /// second, since only one queue's thread busy-polls at a time).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16), help_heading = "Transports")]
+    pub tap_queues: u16,
 
     /// A YAML file with plan keys (subnet, host-ip, ...), or a Lima networks.yaml.
     /// Example: --config ~/.lima/_config/networks.yaml --network user-v2
@@ -297,13 +298,6 @@ pub enum TransportSpec {
     },
 }
 
-/// Two tap queues where there are two cores to run them, else one.
-fn default_tap_queues() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get().min(2))
-        .unwrap_or(1)
-}
-
 impl Cli {
     /// The plan settings the flags give (every unset flag is `None`).
     pub fn plan_settings(&self) -> PlanSettings {
@@ -353,10 +347,7 @@ impl Cli {
                 name,
                 offload: !self.no_offload,
                 busy_poll: std::time::Duration::from_micros(self.busy_poll),
-                queues: self
-                    .tap_queues
-                    .map(usize::from)
-                    .unwrap_or_else(default_tap_queues),
+                queues: usize::from(self.tap_queues),
             });
         }
         t

@@ -15,7 +15,8 @@
 //! that sends now and then costs at most one window per frame, shrinking; an idle guest costs
 //! nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -48,6 +49,11 @@ pub struct BusyPoll {
     /// Whether the poller is asleep (waiting for [`BusyPoll::frame`]).
     asleep: AtomicBool,
     kick: Notify,
+    /// Shared by the pollers of one device's queues: the one whose queue had the last frame
+    /// (only it spins: two spinning threads would hold both cores of a small machine against
+    /// the guest's and the host's own processes).
+    turn: Arc<AtomicUsize>,
+    id: usize,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -57,7 +63,15 @@ fn nanos(d: Duration) -> u64 {
 impl BusyPoll {
     /// Busy polling up to `limit` (zero: none).
     pub fn new(limit: Duration) -> BusyPoll {
+        BusyPoll::shared(limit, Arc::new(AtomicUsize::new(0)), 0)
+    }
+
+    /// One of several pollers of which only the last one with a frame spins: `turn` is
+    /// shared by them, `id` tells them apart.
+    pub fn shared(limit: Duration, turn: Arc<AtomicUsize>, id: usize) -> BusyPoll {
         BusyPoll {
+            turn,
+            id,
             limit,
             epoch: Instant::now(),
             window: AtomicU64::new(nanos(START.min(limit))),
@@ -77,6 +91,9 @@ impl BusyPoll {
             return;
         }
         let now = self.now();
+        if self.turn.load(Relaxed) != self.id {
+            self.turn.store(self.id, Relaxed);
+        }
         let before = self.last.swap(now, Relaxed);
         // Only the caller that finds the poller asleep wakes it and moves the window.
         if self.asleep.load(Relaxed) && self.asleep.swap(false, Relaxed) {
@@ -98,7 +115,9 @@ impl BusyPoll {
         loop {
             if !self.asleep.load(Relaxed) {
                 let window = self.window.load(Relaxed);
-                while self.now().saturating_sub(self.last.load(Relaxed)) < window {
+                while self.now().saturating_sub(self.last.load(Relaxed)) < window
+                    && self.turn.load(Relaxed) == self.id
+                {
                     // SAFETY: no arguments, no memory.
                     unsafe { libc::sched_yield() };
                     tokio::task::yield_now().await;
@@ -107,6 +126,7 @@ impl BusyPoll {
                 // A frame between the check and the store found the poller awake and did
                 // not kick it: look again.
                 if self.now().saturating_sub(self.last.load(Relaxed)) < window
+                    && self.turn.load(Relaxed) == self.id
                     && self.asleep.swap(false, Relaxed)
                 {
                     continue;
@@ -179,5 +199,34 @@ mod tests {
             () = check => {}
         }
         assert_eq!(BusyPoll::new(Duration::ZERO).window(), Duration::ZERO);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn of_pollers_sharing_a_turn_only_the_last_one_with_a_frame_spins() {
+        let turn = Arc::new(AtomicUsize::new(0));
+        let a = BusyPoll::shared(Duration::from_secs(10), Arc::clone(&turn), 0);
+        let b = BusyPoll::shared(Duration::from_secs(10), Arc::clone(&turn), 1);
+        let check = async {
+            a.frame();
+            // Windows far longer than the test: only the turn can stop a poller.
+            for p in [&a, &b] {
+                p.window.store(nanos(Duration::from_secs(10)), Relaxed);
+            }
+            tokio::task::yield_now().await;
+            assert!(!a.asleep(), "a spins after its frame");
+            b.frame();
+            b.window.store(nanos(Duration::from_secs(10)), Relaxed);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !a.asleep() {
+                assert!(Instant::now() < deadline, "a kept spinning after b's frame");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(!b.asleep(), "b spins: its turn, its window far from over");
+        };
+        tokio::select! {
+            () = a.run() => unreachable!(),
+            () = b.run() => unreachable!(),
+            () = check => {}
+        }
     }
 }

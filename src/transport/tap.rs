@@ -146,9 +146,10 @@ pub fn start(
         switch.attach(label)
     };
     let mut rx = Some(rx);
+    let turn = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut egresses = Vec::new();
     let mut runtimes = Vec::new();
-    for fd in fds {
+    for (i, fd) in fds.into_iter().enumerate() {
         super::fd::set_nonblocking(&fd)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -167,7 +168,7 @@ pub fn start(
             state: Mutex::new(EgressState::default()),
             notify: Notify::new(),
             port: port.clone(),
-            busy: BusyPoll::new(busy_poll),
+            busy: BusyPoll::shared(busy_poll, Arc::clone(&turn), i),
         }));
         runtimes.push(runtime);
     }
