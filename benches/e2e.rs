@@ -1163,6 +1163,16 @@ mod harness {
         Ok(bg)
     }
 
+    /// The echo server on S's loopback, once it says it is listening.
+    fn start_echo(cfg: &Config, rig: &Rig, log: &Path) -> Result<Bg, String> {
+        let mut echo = Bg::spawn(
+            cfg.child(&rig.stack, "echo-server", &[ECHO_PORT.to_string()]),
+            log,
+        )?;
+        echo.wait_line(Duration::from_secs(10), |l| l == "READY")?;
+        Ok(echo)
+    }
+
     /// Starts the stack and the echo server, and waits for a TCP connect through the stack.
     fn bring_up(
         cfg: &Config,
@@ -1176,11 +1186,7 @@ mod harness {
             }
         }
         let log = cfg.logs.join(format!("{}-{mtu}-servers.log", stack.name()));
-        let mut echo = Bg::spawn(
-            cfg.child(&rig.stack, "echo-server", &[ECHO_PORT.to_string()]),
-            &log,
-        )?;
-        echo.wait_line(Duration::from_secs(10), |l| l == "READY")?;
+        let echo = start_echo(cfg, rig, &log)?;
         let t0 = Instant::now();
         let bg = start_stack(cfg, rig, stack, mtu)?;
         let out = proc::run(
@@ -1573,15 +1579,7 @@ mod harness {
             }
         };
         let log = cfg.logs.join("reference-servers.log");
-        let echo = Bg::spawn(
-            cfg.child(&rig.stack, "echo-server", &[ECHO_PORT.to_string()]),
-            &log,
-        )
-        .and_then(|mut e| {
-            e.wait_line(Duration::from_secs(10), |l| l == "READY")
-                .map(|_| e)
-        });
-        let echo = match echo {
+        let echo = match start_echo(cfg, &rig, &log) {
             Ok(e) => e,
             Err(e) => {
                 row.setup = Err(format!("echo server: {e}"));

@@ -765,38 +765,53 @@ fn connections_end_with_their_tap_and_give_back_their_counts() {
     echo.kill();
 }
 
-/// CPU time (user + system) of process `pid` so far, in milliseconds (10 ms ticks).
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// The fields of a /proc `stat` file after the command name (state first).
+fn stat_fields(path: &std::path::Path) -> Vec<String> {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
+    after.split_whitespace().map(String::from).collect()
+}
+
+/// User + system CPU time in milliseconds from the fields of a `stat` file (10 ms ticks).
+fn stat_cpu_ms(fields: &[String]) -> u64 {
     // After the comm: state is field 3, utime 14, stime 15.
-    let f: Vec<u64> = after
-        .split_whitespace()
+    let ticks: u64 = fields
+        .iter()
         .skip(11)
         .take(2)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
+        .map(|x| x.parse::<u64>().unwrap_or(0))
+        .sum();
     // SAFETY: sysconf only reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    f.iter().sum::<u64>() * 1000 / hz
+    ticks * 1000 / hz
+}
+
+/// CPU time (user + system) of process `pid` so far, in milliseconds.
+fn cpu_ms(pid: u32) -> u64 {
+    stat_cpu_ms(&stat_fields(std::path::Path::new(&format!(
+        "/proc/{pid}/stat"
+    ))))
+}
+
+/// The `stat` fields of each thread of process `pid` named `comm`.
+fn threads_named(pid: u32, comm: &str) -> Vec<Vec<String>> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim_end() == comm)
+        })
+        .map(|t| stat_fields(&t.path().join("stat")))
+        .collect()
 }
 
 /// Whether the thread of process `pid` named `comm` is running or runnable (state R).
 fn thread_running(pid: u32, comm: &str) -> Option<bool> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if name.trim_end() == comm {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next());
-            return Some(state == Some("R"));
-        }
-    }
-    None
+    let threads = threads_named(pid, comm);
+    let fields = threads.first()?;
+    Some(fields.first().map(String::as_str) == Some("R"))
 }
 
 /// Busy polling (`--busy-poll`) keeps the tap port's thread polling while the guest talks
@@ -876,28 +891,8 @@ fn busy_polling_spins_while_the_guest_talks_and_sleeps_when_it_is_quiet() {
 
 /// CPU time (ms) of each thread of process `pid` named `comm`, summed; None without one.
 fn thread_cpu_ms(pid: u32, comm: &str) -> Option<u64> {
-    let mut found = None;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if name.trim_end() != comm {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let after = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
-        let ticks: u64 = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|x| x.parse::<u64>().unwrap_or(0))
-            .sum();
-        // SAFETY: sysconf only reads a constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        *found.get_or_insert(0) += ticks * 1000 / hz;
-    }
-    found
+    let threads = threads_named(pid, comm);
+    (!threads.is_empty()).then(|| threads.iter().map(|f| stat_cpu_ms(f)).sum())
 }
 
 /// `--tap-queues 2`: the guest's kernel sees a tap device with two queues, spreads its
