@@ -304,6 +304,40 @@ def cli_connect_many(host, port, n, timeout):
     out({"results": results, "elapsed": time.monotonic() - t0})
 
 
+def cli_connect_reuse(host, port, n, secs):
+    """N connections one after another (connect, 1 byte each way, close: the client closes
+    first, so its port goes to TIME_WAIT). A connect refused a local port (EADDRNOTAVAIL: every
+    port of a narrow ip_local_port_range in TIME_WAIT) is retried until SECS have passed.
+    "ts": whether the guest's kernel negotiated timestamps on each (TCP_INFO options bit 0)."""
+    n, deadline = int(n), time.monotonic() + float(secs)
+    done, ts, retries, errors, ports = 0, [], 0, [], []
+    t0 = time.monotonic()
+    while done < n and time.monotonic() < deadline:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(3.0)
+        try:
+            s.connect((host, int(port)))
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise OSError("no echo")
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+            ts.append(bool(info[5] & 1))
+            ports.append(s.getsockname()[1])
+            done += 1
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                retries += 1
+                time.sleep(0.02)
+            else:
+                errors.append(classify(e))
+                if len(errors) >= 5:
+                    break
+        finally:
+            s.close()
+    out({"ok": done, "ts": ts, "retries": retries, "errors": errors, "ports": ports,
+         "elapsed": time.monotonic() - t0})
+
+
 def cli_send(host, port, nbytes):
     """Sends NBYTES of the stream, half-closes, reads the sink's `COUNT SHA` answer."""
     nbytes = int(nbytes)
@@ -734,6 +768,7 @@ COMMANDS = {
     "udp-echo": srv_udp_echo,
     "connect": cli_connect,
     "connect-many": cli_connect_many,
+    "connect-reuse": cli_connect_reuse,
     "send": cli_send,
     "recv": cli_recv,
     "halfclose": cli_halfclose,

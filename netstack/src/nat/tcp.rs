@@ -48,6 +48,24 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// TSval of the RFC 7323 timestamps on the guest side: the host's monotonic clock in
+/// milliseconds (coarse: a tick of a few ms, which the RFC allows), one clock for every
+/// connection and every daemon. With timestamps a guest's kernel may reuse a port still in
+/// TIME_WAIT for a new connection to the same address (`tcp_tw_reuse`), which a client that
+/// opens and closes connections quickly needs once its ephemeral ports are used up; a clock
+/// that only grows keeps the new connection's segments past the guest's PAWS check.
+fn tsval() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC_COARSE cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1000)
+        .wrapping_add(ts.tv_nsec as u64 / 1_000_000) as u32
+}
+
 /// Route one TCP segment from a guest (the whole IPv4 packet). `partial`: its checksum is
 /// left partial by the guest's kernel; otherwise it is verified here (smoltcp verifies none).
 pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes, partial: bool) {
@@ -581,6 +599,8 @@ impl Buffers {
         let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         socket.set_nagle_enabled(false);
         socket.set_keep_alive(Some(KEEPALIVE.into()));
+        // Offered, and dropped by smoltcp when the guest's SYN (or SYN-ACK) has none.
+        socket.set_tsval_generator(Some(tsval));
         socket
     }
 
