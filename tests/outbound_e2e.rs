@@ -706,6 +706,41 @@ fn timestamps_let_the_guest_reuse_time_wait_ports() {
     ));
 }
 
+/// A host connection that lasts gets keep-alive probes (armed after a second, so that short
+/// connections skip the two system calls): the daemon namespace's kernel shows the timer.
+#[test]
+fn lasting_host_connections_get_keepalive_probes() {
+    let Some(rig) = rig("lasting_host_connections_get_keepalive_probes", &[]) else {
+        return;
+    };
+    let mut echo = rig.tool_server(&rig.d, &["tcp-echo", "127.0.0.1", "9014"], 't', 9014);
+    let mut held =
+        BgProcess::spawn(rig.tool(&rig.g, &["echo-rounds", HOST, "9014", "1000", "2", "8"]));
+    let mut last = String::new();
+    let ok = poll_until(Duration::from_secs(6), || {
+        // usernet's side of the connection: the one whose peer is the echo server.
+        let out = run_with_deadline(
+            rig.d.exec(
+                "ss",
+                &["-tnoH", "state", "established", "dst", "127.0.0.1:9014"],
+            ),
+            Duration::from_secs(5),
+        );
+        last = out.stdout.clone();
+        last.contains("timer:(keepalive")
+    });
+    if !ok {
+        rig.fail(format!(
+            "the host socket of a lasting connection should have a keep-alive timer; ss: {last:?}\n{}\n{}",
+            held.describe(),
+            echo.describe()
+        ));
+    }
+    note(format!("host socket: {}", last.trim()));
+    held.kill();
+    echo.kill();
+}
+
 /// A connection that went idle gets its buffers released (both halves), and data carried
 /// after that is still exact in both directions.
 #[test]

@@ -45,6 +45,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const INBOX: usize = 512;
 /// Keep-alive towards both sides.
 const KEEPALIVE: Duration = Duration::from_secs(60);
+/// When a host connection of the guest's gets its keep-alive probes ([`host_keepalive`]).
+const HOST_KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -250,29 +252,46 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
             sock.bind(&bind.into())?;
         }
     }
-    let pending = match sock.connect(&target.into()) {
-        Ok(()) => false,
+    let state = match sock.connect(&target.into()) {
+        Ok(()) => Connect::Done,
         // A connect to a listener on this machine is usually done when the call returns (the
         // handshake runs within it): the reactor is waited for only when it is not.
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => !connect_done(&sock),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => connect_state(&sock),
         Err(e) => return Err(e),
     };
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
-    if pending {
+    if state == Connect::Pending {
         stream.writable().await?;
     }
-    if let Some(e) = stream.take_error()? {
-        return Err(e);
+    if state != Connect::Done {
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
     }
     let _ = stream.set_nodelay(true);
-    // (Turns SO_KEEPALIVE on too.)
-    let _ = SockRef::from(&stream)
-        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
     Ok(stream)
 }
 
-/// Has the nonblocking connect of `sock` finished (connected or failed)?
-fn connect_done(sock: &Socket) -> bool {
+/// Keep-alive probes on a host connection that has lived [`HOST_KEEPALIVE_AFTER`] (not before:
+/// the two system calls would be most of what a short connection costs). (Turns SO_KEEPALIVE
+/// on too.)
+fn host_keepalive<S: HostStream>(stream: &S) {
+    let _ =
+        SockRef::from(stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE));
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Connect {
+    /// Connected.
+    Done,
+    /// Failed or maybe failed: `SO_ERROR` says.
+    Error,
+    Pending,
+}
+
+/// Where the nonblocking connect of `sock` stands: writable without an error or a hang-up is
+/// connected (a failed connect reports `POLLERR`).
+fn connect_state(sock: &Socket) -> Connect {
     let mut p = libc::pollfd {
         fd: sock.as_raw_fd(),
         events: libc::POLLOUT,
@@ -280,7 +299,15 @@ fn connect_done(sock: &Socket) -> bool {
     };
     // SAFETY: one pollfd of ours, no waiting.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
+    if n != 1 {
+        Connect::Pending
+    } else if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        Connect::Error
+    } else if p.revents & libc::POLLOUT != 0 {
+        Connect::Done
+    } else {
+        Connect::Pending
+    }
 }
 
 impl Conn {
@@ -367,6 +394,9 @@ impl Conn {
         // Our side of the guest connection is the destination the guest used (outbound) or
         // the gateway's forwarding port (inbound): `key.dst` either way.
         let ours = endpoint(self.key.dst);
+        // Host connections the guest opened get keep-alive probes once they last.
+        let mut keepalive_at = matches!(opening, Opening::Accept(_))
+            .then(|| tokio::time::Instant::now() + HOST_KEEPALIVE_AFTER);
         match opening {
             Opening::Accept(syn) => {
                 socket.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -392,6 +422,11 @@ impl Conn {
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
+                                        // One timer for the connection's life, moved rather than made anew at every wait
+                                        // (a new one is a registration and a removal in the runtime's timer wheel, and often a
+                                        // wake-up of the runtime's own thread); moved later it costs nothing until it fires.
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
         loop {
             iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
             let sock = sockets.get_mut::<tcp::Socket>(handle);
@@ -499,18 +534,30 @@ impl Conn {
             let want_read = host_read_open && sock.can_send();
             let want_write = host_write_open && sock.can_recv();
             let delay = iface.poll_delay(smoltcp::time::Instant::now(), &sockets);
-            let mut wake = delay
-                .map(Duration::from)
-                .unwrap_or(Duration::from_secs(3600));
+            let now = tokio::time::Instant::now();
+            let mut wake = now
+                + delay
+                    .map(Duration::from)
+                    .unwrap_or(Duration::from_secs(3600));
             if dirty && empty {
-                wake = wake.min(RELEASE_AFTER.saturating_sub(last_activity.elapsed()));
+                wake = wake.min(last_activity + RELEASE_AFTER);
             }
-            let sleep = tokio::time::sleep(wake);
+            if let Some(at) = keepalive_at {
+                if now >= at {
+                    host_keepalive(&stream);
+                    keepalive_at = None;
+                } else {
+                    wake = wake.min(at);
+                }
+            }
+            if sleep.deadline() != wake || sleep.is_elapsed() {
+                sleep.as_mut().reset(wake);
+            }
             tokio::select! {
                 more = inbox.recv_all(&mut dev.rx) => if !more { return Ok(()) },
                 r = stream.readable(), if want_read => r?,
                 w = stream.writable(), if want_write => w?,
-                _ = sleep => {}
+                _ = &mut sleep => {}
             }
         }
     }
