@@ -115,9 +115,7 @@ impl BusyPoll {
         loop {
             if !self.asleep.load(Relaxed) {
                 let window = self.window.load(Relaxed);
-                while self.now().saturating_sub(self.last.load(Relaxed)) < window
-                    && self.turn.load(Relaxed) == self.id
-                {
+                while self.should_spin(window) {
                     // SAFETY: no arguments, no memory.
                     unsafe { libc::sched_yield() };
                     tokio::task::yield_now().await;
@@ -125,15 +123,18 @@ impl BusyPoll {
                 self.asleep.store(true, Relaxed);
                 // A frame between the check and the store found the poller awake and did
                 // not kick it: look again.
-                if self.now().saturating_sub(self.last.load(Relaxed)) < window
-                    && self.turn.load(Relaxed) == self.id
-                    && self.asleep.swap(false, Relaxed)
-                {
+                if self.should_spin(window) && self.asleep.swap(false, Relaxed) {
                     continue;
                 }
             }
             self.kick.notified().await;
         }
+    }
+
+    /// The last frame came within `window` (nanoseconds) and the turn is ours.
+    fn should_spin(&self, window: u64) -> bool {
+        self.now().saturating_sub(self.last.load(Relaxed)) < window
+            && self.turn.load(Relaxed) == self.id
     }
 
     /// The current window.

@@ -420,10 +420,7 @@ impl Nat {
         ttl: u8,
         payload: Bytes,
     ) {
-        if let Err(payload) = udp::route_fast(&self.shared, src, dst, ttl, payload) {
-            self.shared.learn(*src.ip(), src_mac);
-            udp::route(&self.shared, src_mac, src, dst, ttl, payload);
-        }
+        udp::route_fast(&self.shared, src_mac, src, dst, ttl, payload);
     }
 
     /// Route one packet from a guest. Must be called inside a tokio runtime.

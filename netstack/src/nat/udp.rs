@@ -91,39 +91,42 @@ impl HostSide {
 /// The fast path for a guest datagram (one the gateway only routes, with TTL left): straight
 /// out of its flow's host socket from the caller's task when the flow exists, its queue is
 /// empty and the socket takes it at once; otherwise (or on any error, which the flow's task
-/// then reports) given back for [`route`].
+/// then reports) the way [`route`] takes it, with the guest's address learnt.
 pub(crate) fn route_fast(
     shared: &Arc<Shared>,
+    src_mac: MacAddr,
     src: SocketAddrV4,
     dst: SocketAddrV4,
     ttl: u8,
     payload: Bytes,
-) -> Result<(), Bytes> {
+) {
     if ttl <= 1 || payload.len() > MAX_DATAGRAM {
-        return Err(payload);
+        shared.learn(*src.ip(), src_mac);
+        return route(shared, src_mac, src, dst, ttl, payload);
     }
     let key = Key { guest: src, dst };
     let Some(payload) = super::forward::deliver_reply(shared, &key, payload) else {
-        return Ok(()); // an answer to a forwarded flow
+        return; // an answer to a forwarded flow
     };
     let host = {
         let flows = lock(&shared.udp_flows);
         match flows.get(&key) {
             // Datagrams still queued for the task go first.
-            Some(h) if h.inbox.capacity() == h.inbox.max_capacity() => Arc::clone(&h.host),
-            _ => return Err(payload),
+            Some(h) if h.inbox.capacity() == h.inbox.max_capacity() => Some(Arc::clone(&h.host)),
+            _ => None,
         }
     };
-    host.set_ttl(ttl);
-    host.set_last(ttl, payload.len());
-    match host.sock.send(&payload) {
-        Ok(_) => {
+    if let Some(host) = host {
+        host.set_ttl(ttl);
+        host.set_last(ttl, payload.len());
+        if host.sock.send(&payload).is_ok() {
             FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
             host.active.store(true, Ordering::Relaxed);
-            Ok(())
+            return;
         }
-        Err(_) => Err(payload),
     }
+    shared.learn(*src.ip(), src_mac);
+    route_flow(shared, src_mac, key, ttl, payload);
 }
 
 /// A guest datagram on its way to the host socket.
@@ -152,6 +155,13 @@ pub(crate) fn route(
     let Some(payload) = super::forward::deliver_reply(shared, &key, payload) else {
         return; // an answer to a forwarded flow
     };
+    route_flow(shared, src_mac, key, ttl, payload);
+}
+
+/// A guest datagram that is not an answer to a forwarded flow: to its flow, or to a new one.
+fn route_flow(shared: &Arc<Shared>, src_mac: MacAddr, key: Key, ttl: u8, payload: Bytes) {
+    let c = &shared.udp_counters;
+    let (src, dst) = (key.guest, key.dst);
     let orig = |kind: IcmpError, from: Ipv4Addr| {
         let head = udp_head(src, dst, payload.len());
         shared.uplink.send_icmp_error(
