@@ -229,28 +229,40 @@ mod child {
         }))
     }
 
-    fn one_connection(addr: &SocketAddr) -> std::io::Result<()> {
+    /// One connection: how long its connect, its 1-byte echo and its close took (ns).
+    fn one_connection(addr: &SocketAddr) -> std::io::Result<[u64; 3]> {
+        let t0 = Instant::now();
         let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+        let t1 = Instant::now();
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(&[1])?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b)
+        s.read_exact(&mut b)?;
+        let t2 = Instant::now();
+        drop(s);
+        let t3 = Instant::now();
+        let ns = |a: Instant, b: Instant| (b - a).as_nanos() as u64;
+        Ok([ns(t0, t1), ns(t1, t2), ns(t2, t3)])
     }
 
-    /// Connect, 1 byte each way, close, for SECS seconds, one connection at a time.
+    /// Connect, 1 byte each way, close, for SECS seconds, one connection at a time; p50 and
+    /// p99 of the whole, and the p50 of each phase (where the time goes).
     fn connrate(addr: SocketAddr, secs: u64) -> Result<Value, String> {
         let start = Instant::now();
         let end = start + Duration::from_secs(secs);
         let (mut ok, mut errors) = (0u64, 0u64);
         let mut first_error = None;
         let mut ns = Vec::new();
+        let mut phases: [Vec<u64>; 3] = Default::default();
         while Instant::now() < end {
-            let t = Instant::now();
             match one_connection(&addr) {
-                Ok(()) => {
+                Ok(p) => {
                     ok += 1;
-                    ns.push(t.elapsed().as_nanos() as u64);
+                    ns.push(p.iter().sum());
+                    for (v, t) in phases.iter_mut().zip(p) {
+                        v.push(t);
+                    }
                 }
                 Err(e) => {
                     errors += 1;
@@ -266,9 +278,14 @@ mod child {
             return Err(first_error.unwrap_or_else(|| "no connection completed".into()));
         }
         ns.sort_unstable();
+        for v in &mut phases {
+            v.sort_unstable();
+        }
         Ok(json!({
             "connections": ok, "seconds": el, "per_second": ok as f64 / el, "errors": errors,
             "first_error": first_error, "p50_us": pct(&ns, 500), "p99_us": pct(&ns, 990),
+            "connect_p50_us": pct(&phases[0], 500), "echo_p50_us": pct(&phases[1], 500),
+            "close_p50_us": pct(&phases[2], 500),
         }))
     }
 
