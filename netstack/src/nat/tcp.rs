@@ -314,8 +314,9 @@ impl Conn {
     async fn run(self, target: SocketAddr, syn: Bytes, mut inbox: inbox::Receiver) {
         let c = &self.shared.tcp_counters;
         let connecting = Held::taken(&c.connecting); // counted by route()
-                                                     // In a function of its own, so that the task's future holds the connect's state or
-                                                     // the relay's, never both.
+
+        // In a function of its own, so that the task's future holds the connect's state or
+        // the relay's, never both.
         let stream = self.establish(target, &syn, &mut inbox).await;
         drop(connecting);
         let Some(stream) = stream else {
@@ -422,9 +423,10 @@ impl Conn {
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
-                                        // One timer for the connection's life, moved rather than made anew at every wait
-                                        // (a new one is a registration and a removal in the runtime's timer wheel, and often a
-                                        // wake-up of the runtime's own thread); moved later it costs nothing until it fires.
+
+        // One timer for the connection's life, moved rather than made anew at every wait (a
+        // new one is a registration and a removal in the runtime's timer wheel, and often a
+        // wake-up of the runtime's own thread); moved later it costs nothing until it fires.
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {
