@@ -1100,6 +1100,43 @@ impl phy::TxToken for TxToken<'_> {
 mod tests {
     use super::*;
 
+    /// The kernel's answer to a nonblocking connect on loopback, as `connect_state` reads it:
+    /// a listener accepts within the call (connected, no `SO_ERROR` needed), a closed port
+    /// refuses within it (an error to read).
+    #[test]
+    fn connect_state_reads_loopback_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let attempt = |addr: SocketAddr| {
+            let sock = Socket::new(
+                Domain::IPV4,
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )
+            .unwrap();
+            let state = match sock.connect(&addr.into()) {
+                Ok(()) => Connect::Done,
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => connect_state(&sock),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Connect::Error,
+                Err(e) => panic!("connect {addr}: {e}"),
+            };
+            (state, sock.take_error().unwrap())
+        };
+        let (state, err) = attempt(open);
+        assert!(state == Connect::Done && err.is_none(), "{err:?}");
+        let (state, err) = attempt(closed);
+        assert!(state == Connect::Error, "a refused connect is no success");
+        assert_eq!(
+            err.and_then(|e| e.raw_os_error()),
+            Some(libc::ECONNREFUSED),
+            "SO_ERROR holds the refusal"
+        );
+    }
+
     /// An IPv4 packet with a TCP header (no options) and `payload` bytes.
     fn segment(seq: u32, ack: Option<u32>, payload: usize) -> Vec<u8> {
         let total = 20 + 20 + payload;
