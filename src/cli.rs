@@ -228,7 +228,8 @@ pub struct Cli {
     /// Example: --host-alias 192.168.127.254
     #[arg(long, value_name = "IP", help_heading = "Outbound")]
     pub host_alias: Vec<Ipv4Addr>,
-    /// Bind outgoing sockets to this host address. Example: --outbound-addr 10.0.0.5
+    /// Bind outgoing sockets to this host address (TCP ports are still chosen per
+    /// destination at connect time). Example: --outbound-addr 10.0.0.5
     #[arg(long, value_name = "IP", help_heading = "Outbound")]
     pub outbound_addr: Option<Ipv4Addr>,
     /// Seconds a host-side TCP connect may take before the guest gets a RST.

@@ -741,6 +741,59 @@ fn lasting_host_connections_get_keepalive_probes() {
     echo.kill();
 }
 
+/// `--outbound-addr`: the host sockets of the guest's connections are bound to that address
+/// (a second address of the daemon namespace's veth, which the kernel would not pick itself),
+/// and get their ports at connect time: with only 4 ephemeral ports and 3 of them in TIME_WAIT
+/// towards one server port, 3 connections to another port of the same server still succeed
+/// (a port reserved at bind time would leave 1).
+#[test]
+fn outbound_addr_binds_and_shares_ports_across_destinations() {
+    const OUT: &str = "10.200.0.3";
+    let Some(rig) = rig(
+        "outbound_addr_binds_and_shares_ports_across_destinations",
+        &["--outbound-addr", OUT],
+    ) else {
+        return;
+    };
+    rig.d
+        .ip_ok(&["addr", "add", &format!("{OUT}/24"), "dev", "veth-d"]);
+    ns_sysctl(&rig.d, "net.ipv4.ip_local_port_range", "40000 40003");
+    let mut a = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9015"], 't', 9015);
+    let mut b = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9016"], 't', 9016);
+    for port in ["9015", "9016"] {
+        let (v, out) = rig.tool_json(
+            &rig.g,
+            &["connect-many", SERVER, port, "3", "10"],
+            Duration::from_secs(30),
+        );
+        let results: Vec<String> = v["results"]
+            .as_array()
+            .map(|r| r.iter().map(|x| s(x, "result")).collect())
+            .unwrap_or_default();
+        if results.len() != 3 || results.iter().any(|r| r != "connected") {
+            rig.fail(format!(
+                "3 connections to {SERVER}:{port} through 4 host ports should all connect: \
+                 {results:?}\n{}\n{}\n{}",
+                out.describe(),
+                a.describe(),
+                b.describe()
+            ));
+        }
+    }
+    // usernet's host sockets (TIME_WAIT after the guest's close, or still closing).
+    let out = run_with_deadline(rig.d.exec("ss", &["-tanH"]), Duration::from_secs(5));
+    let ours: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&format!("{SERVER}:9015")) || l.contains(&format!("{SERVER}:9016")))
+        .collect();
+    rig.check(
+        ours.len() >= 6 && ours.iter().all(|l| l.contains(&format!("{OUT}:4000"))),
+        format!("every host socket to the servers is bound to {OUT}, ports 40000-40003: {ours:#?}"),
+    );
+    note(format!("host sockets: {ours:#?}"));
+}
+
 /// A connection that went idle gets its buffers released (both halves), and data carried
 /// after that is still exact in both directions.
 #[test]

@@ -249,6 +249,7 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
     )?;
     if let SocketAddr::V4(t) = target {
         if let Some(bind) = shared.bind_addr(*t.ip()) {
+            bind_address_no_port(&sock);
             sock.bind(&bind.into())?;
         }
     }
@@ -270,6 +271,24 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
     }
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to `--outbound-addr` gets its port at connect
+/// time, for its destination, as an unbound one does. Otherwise bind() reserves a port of its
+/// own for every socket, and all connections together (TIME_WAIT included) could never
+/// outnumber the ephemeral ports, whatever their destinations.
+fn bind_address_no_port(sock: &Socket) {
+    let one: libc::c_int = 1;
+    // SAFETY: an int option of our own socket; a kernel without it fails harmlessly.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Keep-alive probes on a host connection that has lived [`HOST_KEEPALIVE_AFTER`] (not before:
