@@ -253,13 +253,7 @@ async fn connect(shared: &Shared, target: SocketAddr) -> io::Result<TcpStream> {
             sock.bind(&bind.into())?;
         }
     }
-    let state = match sock.connect(&target.into()) {
-        Ok(()) => Connect::Done,
-        // A connect to a listener on this machine is usually done when the call returns (the
-        // handshake runs within it): the reactor is waited for only when it is not.
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => connect_state(&sock),
-        Err(e) => return Err(e),
-    };
+    let state = start_connect(&sock, target)?;
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     if state == Connect::Pending {
         stream.writable().await?;
@@ -306,6 +300,17 @@ enum Connect {
     /// Failed or maybe failed: `SO_ERROR` says.
     Error,
     Pending,
+}
+
+/// Start the nonblocking connect of `sock` to `target`. A connect to a listener on this
+/// machine is usually done when the call returns (the handshake runs within it): the reactor
+/// is waited for only when it is not.
+fn start_connect(sock: &Socket, target: SocketAddr) -> io::Result<Connect> {
+    match sock.connect(&target.into()) {
+        Ok(()) => Ok(Connect::Done),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(connect_state(sock)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where the nonblocking connect of `sock` stands: writable without an error or a hang-up is
@@ -1119,7 +1124,7 @@ impl phy::TxToken for TxToken<'_> {
 mod tests {
     use super::*;
 
-    /// The kernel's answer to a nonblocking connect on loopback, as `connect_state` reads it:
+    /// The kernel's answer to a nonblocking connect on loopback, as `start_connect` reads it:
     /// a listener accepts within the call (connected, no `SO_ERROR` needed), a closed port
     /// refuses within it (an error to read).
     #[test]
@@ -1137,9 +1142,8 @@ mod tests {
                 Some(Protocol::TCP),
             )
             .unwrap();
-            let state = match sock.connect(&addr.into()) {
-                Ok(()) => Connect::Done,
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => connect_state(&sock),
+            let state = match start_connect(&sock, addr) {
+                Ok(state) => state,
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Connect::Error,
                 Err(e) => panic!("connect {addr}: {e}"),
             };
