@@ -922,6 +922,9 @@ mod harness {
         usernet_args: Vec<String>,
         /// Measure the no-stack reference (`E2E_SKIP_REFERENCE=1` to leave it out).
         reference: bool,
+        /// `E2E_ONLY`: the metrics to measure, as key prefixes (`conn_rate`, `rr_`, `tcp_h2g`);
+        /// empty for all.
+        only: Vec<String>,
         vm: bool,
         vm_stacks: Vec<String>,
         vm_mtus: Vec<u32>,
@@ -962,6 +965,16 @@ mod harness {
     }
 
     impl Config {
+        /// Whether a metric is measured (`prefix` is matched both ways, so `rr_` selects the
+        /// latency group and `rr_p50` selects it too).
+        fn wants(&self, prefix: &str) -> bool {
+            self.only.is_empty()
+                || self
+                    .only
+                    .iter()
+                    .any(|o| o.starts_with(prefix) || prefix.starts_with(o.as_str()))
+        }
+
         fn from_env() -> Config {
             let target = PathBuf::from(MANIFEST_DIR).join("target");
             let stacks = list(&env_or("E2E_STACKS", "usernet,slirp4netns,pasta"))
@@ -978,6 +991,7 @@ mod harness {
                 secs: env_or("E2E_SECONDS", "3").parse().expect("E2E_SECONDS"),
                 idle: env_or("E2E_IDLE", "10000").parse().expect("E2E_IDLE"),
                 reference: env_or("E2E_SKIP_REFERENCE", "0") != "1",
+                only: list(&env_or("E2E_ONLY", "")),
                 usernet_args: env_or("E2E_USERNET_ARGS", "")
                     .split_whitespace()
                     .map(String::from)
@@ -1490,16 +1504,26 @@ mod harness {
     }
 
     fn measure_all(ctx: &Ctx, mtu: u32) -> Vec<Metric> {
-        let mut v = vec![
-            iperf(ctx, "tcp_g2h_1", 1, false, None),
-            iperf(ctx, "tcp_h2g_1", 1, true, None),
-            iperf(ctx, "tcp_g2h_4", 4, false, None),
-            iperf(ctx, "tcp_h2g_4", 4, true, None),
-            iperf(ctx, "udp_g2h", 1, false, Some(mtu - 28)),
-            iperf(ctx, "udp_h2g", 1, true, Some(mtu - 28)),
-        ];
-        v.extend(latency(ctx));
-        v.push(connrate(ctx));
+        let want = |key: &str| ctx.cfg.wants(key);
+        let mut v = Vec::new();
+        for (key, streams, reverse, udp) in [
+            ("tcp_g2h_1", 1, false, None),
+            ("tcp_h2g_1", 1, true, None),
+            ("tcp_g2h_4", 4, false, None),
+            ("tcp_h2g_4", 4, true, None),
+            ("udp_g2h", 1, false, Some(mtu - 28)),
+            ("udp_h2g", 1, true, Some(mtu - 28)),
+        ] {
+            if want(key) {
+                v.push(iperf(ctx, key, streams, reverse, udp));
+            }
+        }
+        if want("rr_") {
+            v.extend(latency(ctx));
+        }
+        if want("conn_rate") {
+            v.push(connrate(ctx));
+        }
         v
     }
 
@@ -1612,8 +1636,12 @@ mod harness {
             stack_log: log.clone(),
             log,
         };
-        row.metrics.extend(latency(&ctx));
-        row.metrics.push(connrate(&ctx));
+        if cfg.wants("rr_") {
+            row.metrics.extend(latency(&ctx));
+        }
+        if cfg.wants("conn_rate") {
+            row.metrics.push(connrate(&ctx));
+        }
         row.setup = Ok(json!({ "what": "client and echo server on S's loopback, no stack" }));
         row
     }
@@ -2103,6 +2131,9 @@ poweroff -f
             out.push_str(&format!("| {} |\n", head.join(" | ")));
             out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
             for (key, label, unit) in METRICS {
+                if !cfg.wants(key) {
+                    continue;
+                }
                 let mut cells = vec![label.to_string(), unit.to_string()];
                 let (u, uv) = if has_usernet {
                     cell(
@@ -2166,7 +2197,7 @@ poweroff -f
             out.push_str(&format!("| {} |\n", head.join(" | ")));
             out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
             for (key, label, unit) in METRICS {
-                if reference.get(key).is_none() && reference.setup.is_ok() {
+                if !cfg.wants(key) || (reference.get(key).is_none() && reference.setup.is_ok()) {
                     continue;
                 }
                 let (c, base) = cell(Some(reference), key, &mut notes, "no stack");
