@@ -181,7 +181,7 @@ pub async fn run(plan: Plan, dhcp: dhcp::Server, opts: Options) -> anyhow::Resul
         forwarder.add(*f)?;
     }
     let mut created: Vec<PathBuf> = Vec::new();
-    let started = start_transports(&switch, &plan, &opts.transports, &mut created).await;
+    let started = start_transports(&switch, &plan, &opts.transports, gw.nat(), &mut created).await;
     if let Err(e) = started {
         remove_all(&created);
         return Err(e);
@@ -255,6 +255,7 @@ async fn start_transports(
     switch: &std::sync::Arc<Switch>,
     plan: &Plan,
     specs: &[TransportSpec],
+    nat: &netstack::nat::Nat,
     created: &mut Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     for spec in specs {
@@ -278,7 +279,13 @@ async fn start_transports(
                 offload,
                 busy_poll,
                 queues,
-            } => tap::start(switch, netns, name, plan.mtu, *offload, *busy_poll, *queues)?,
+            } => {
+                if let Some(workers) =
+                    tap::start(switch, netns, name, plan.mtu, *offload, *busy_poll, *queues)?
+                {
+                    nat.add_workers(workers);
+                }
+            }
         }
     }
     Ok(())

@@ -1016,50 +1016,59 @@ fn thread_cpu_ms(pid: u32, comm: &str) -> Option<u64> {
     (!threads.is_empty()).then(|| threads.iter().map(|f| stat_cpu_ms(f)).sum())
 }
 
-/// `--tap-queues 2`: the guest's kernel sees a tap device with two queues, spreads its
-/// connections over them, and each queue's thread carries its share (32 connections each
-/// echoing 2 MiB: all on one queue has a chance of 2^-31). With one queue there is no second
-/// thread.
+/// The guest's tx queues on tap0 (`tx-0`, ...), as its kernel shows them.
+fn guest_tx_queues(rig: &OutboundRig) -> Vec<String> {
+    let out = run_with_deadline(
+        rig.g.exec("ls", &["/sys/class/net/tap0/queues"]),
+        Duration::from_secs(10),
+    );
+    out.stdout
+        .split_whitespace()
+        .filter(|q| q.starts_with("tx-"))
+        .map(String::from)
+        .collect()
+}
+
+/// `--tap-queues 2` (the default): the guest's kernel sees one queue until a connection
+/// carries bulk data; then bulk connections move to the second queue's thread, whose queue
+/// is attached (the guest sees two), each thread carries its share (32 connections each
+/// echoing 2 MiB, checked byte for byte), and once they are over the queue is detached again.
+/// With one queue there is no second thread and nothing moves.
 #[test]
-fn tap_queues_each_carry_connections() {
-    let test = "tap_queues_each_carry_connections";
+fn tap_queues_carry_bulk_connections_on_both_threads() {
+    let test = "tap_queues_carry_bulk_connections_on_both_threads";
     for queues in [2usize, 1] {
         let Some(rig) = rig(test, &["--tap-queues", &queues.to_string()]) else {
             return;
         };
-        let out = run_with_deadline(
-            rig.g.exec("ls", &["/sys/class/net/tap0/queues"]),
-            Duration::from_secs(10),
-        );
-        let tx: Vec<&str> = out
-            .stdout
-            .split_whitespace()
-            .filter(|q| q.starts_with("tx-"))
-            .collect();
+        let tx = guest_tx_queues(&rig);
         rig.check(
-            tx.len() == queues,
-            format!(
-                "the guest sees {queues} tx queues on tap0: {tx:?}\n{}",
-                out.describe()
-            ),
+            tx == ["tx-0"],
+            format!("--tap-queues {queues}: before any bulk connection the guest sees one tx queue on tap0: {tx:?}"),
         );
         let pid = rig.daemon.pid().expect("daemon pid");
         let mut echo = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9012"], 't', 9012);
         const N: u64 = 32;
-        let out = run_with_deadline(
-            rig.tool(
-                &rig.g,
-                &[
-                    "echo-many",
-                    SERVER,
-                    "9012",
-                    &N.to_string(),
-                    "2097152",
-                    "100",
-                ],
-            ),
-            Duration::from_secs(120),
+        let client = rig.tool(
+            &rig.g,
+            &[
+                "echo-many",
+                SERVER,
+                "9012",
+                &N.to_string(),
+                "2097152",
+                "100",
+            ],
         );
+        let running =
+            std::thread::spawn(move || run_with_deadline(client, Duration::from_secs(120)));
+        // While they run, the guest sees the second queue (moved connections are on it).
+        let mut seen = Vec::new();
+        let both = poll_until(Duration::from_secs(60), || {
+            seen = guest_tx_queues(&rig);
+            seen.len() == 2 || running.is_finished()
+        }) && seen.len() == 2;
+        let out = running.join().expect("echo-many thread");
         let v = parse_last_json(&out.stdout).filter(|_| out.success());
         if v.as_ref().is_none_or(|v| u(v, "ok") != N) {
             rig.fail(format!(
@@ -1068,10 +1077,11 @@ fn tap_queues_each_carry_connections() {
                 echo.describe()
             ));
         }
+        let moved = stat_u64(&rig.daemon.stats(), "tcp.moved").unwrap_or(0);
         let first = thread_cpu_ms(pid, "tap tap0");
         let second = thread_cpu_ms(pid, "tap tap0 q1");
         note(format!(
-            "{queues} queue(s): queue threads' CPU {first:?} / {second:?} ms"
+            "{queues} queue(s): {moved} connections moved; queue threads' CPU {first:?} / {second:?} ms"
         ));
         rig.check(
             first.is_some_and(|ms| ms >= 20),
@@ -1079,10 +1089,29 @@ fn tap_queues_each_carry_connections() {
         );
         if queues == 2 {
             rig.check(
+                both,
+                format!("while bulk connections run the guest sees two tx queues: {seen:?}"),
+            );
+            rig.check(
+                moved >= N / 4,
+                format!("bulk connections moved to the second thread: {moved} of {N}"),
+            );
+            rig.check(
                 second.is_some_and(|ms| ms >= 20),
                 format!("queue 1's thread carried connections: {second:?} ms"),
             );
+            let mut after = Vec::new();
+            let detached = poll_until(Duration::from_secs(20), || {
+                after = guest_tx_queues(&rig);
+                after.len() == 1
+            });
+            rig.check(detached, format!("with the moved connections over, the second queue is detached again: {after:?}"));
         } else {
+            rig.check(
+                !both,
+                format!("one queue: the guest never sees a second: {seen:?}"),
+            );
+            rig.check(moved == 0, format!("one queue: nothing moves ({moved})"));
             rig.check(second.is_none(), "one queue: no second queue thread");
         }
         echo.kill();

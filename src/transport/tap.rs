@@ -33,12 +33,16 @@ use tokio::sync::Notify;
 
 use super::busypoll::BusyPoll;
 use crate::switch::{Partial, PortRx, PortTx, Switch, SwitchCounters};
+use netstack::nat::{Task, Workers};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_VNET_HDR: libc::c_int = 0x4000;
 const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_int = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_int = 0x0400;
 
 /// `struct virtio_net_hdr` (the legacy 10-byte header; little-endian fields on the
 /// little-endian machines this runs on, which the kernel assumes for tap by default).
@@ -117,11 +121,19 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
 /// keeps polling for a while ([`BusyPoll`], up to `busy_poll`) before it sleeps.
 ///
 /// With `queues` > 1 the device is multi-queue (`IFF_MULTI_QUEUE`, as a virtio NIC with
-/// several queue pairs) and each queue has such a thread: the guest's kernel puts each flow on
-/// one queue (by hash, then where we last wrote that flow), the thread reading it opens the
-/// connection and writes its frames back through the same queue, so a connection still stays
-/// on one thread and several streams use several cores. Frames from elsewhere (the gateway,
-/// other ports) go out through queue 0, which also writes the switch's queued frames.
+/// several queue pairs) and each queue has such a thread, but only queue 0 is attached at
+/// first: every new connection comes in there, to the one thread that busy-polls. The queues'
+/// threads are the NAT's workers ([`netstack::nat::Workers`]): a connection that turns out to
+/// carry bulk data moves to the thread with the fewest such, whose queue is attached then
+/// (and detached when the last connection moved there ends). It writes its frames through
+/// that queue, and the guest's kernel sends the flow's frames where we last wrote it (tun's
+/// flow table), so the connection again stays on one thread and several streams use several
+/// cores. While a second queue is attached the guest's kernel spreads new flows over both by
+/// hash. Frames from elsewhere (the gateway, other ports, threads of no queue) and from a
+/// queue's thread while its queue is detached go out through queue 0, which also writes the
+/// switch's queued frames.
+///
+/// Returns the workers when there are several queues (for [`netstack::nat::Nat::add_workers`]).
 pub fn start(
     switch: &Arc<Switch>,
     netns: &Path,
@@ -130,7 +142,7 @@ pub fn start(
     offload: bool,
     busy_poll: Duration,
     queues: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Arc<dyn Workers>>> {
     let queues = queues.clamp(1, MAX_QUEUES);
     let fds = create_in_netns(netns, name, mtu, offload, queues)
         .map_err(|e| anyhow::anyhow!("tap-netns {}: creating {name}: {e}", netns.display()))?;
@@ -151,6 +163,10 @@ pub fn start(
     let mut runtimes = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
         super::fd::set_nonblocking(&fd)?;
+        if i > 0 {
+            set_queue(&fd, false)
+                .map_err(|e| anyhow::anyhow!("tap {name}: detaching queue {i}: {e}"))?;
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -169,6 +185,9 @@ pub fn start(
             notify: Notify::new(),
             port: port.clone(),
             busy: BusyPoll::shared(busy_poll, Arc::clone(&turn), i),
+            attached: std::sync::atomic::AtomicBool::new(i == 0),
+            attach: Mutex::new(0),
+            attached_notify: Notify::new(),
         }));
         runtimes.push(runtime);
     }
@@ -176,10 +195,17 @@ pub fn start(
     switch.set_fast_path(
         &port,
         Arc::new(move |frame: &Bytes, partial| {
-            let q = QUEUE.with(|q| q.get()).min(direct.len() - 1);
+            let q = QUEUE.with(|q| q.get()).unwrap_or(0).min(direct.len() - 1);
+            let q = if direct[q].is_attached() { q } else { 0 };
             direct[q].offer(frame, partial)
         }),
     );
+    let workers: Option<Arc<dyn Workers>> = (egresses.len() > 1).then(|| {
+        Arc::new(Queues {
+            handles: runtimes.iter().map(|r| r.handle().clone()).collect(),
+            egresses: egresses.clone(),
+        }) as Arc<dyn Workers>
+    });
     let ended = Arc::new(Ended::default());
     for (i, (egress, runtime)) in egresses.into_iter().zip(runtimes).enumerate() {
         let thread_port = port.clone();
@@ -191,7 +217,7 @@ pub fn start(
             format!("tap {name} q{i}")
         };
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
-            QUEUE.with(|q| q.set(i));
+            QUEUE.with(|q| q.set(Some(i)));
             runtime.block_on(serve(egress, thread_port, rx, &ended))
         });
         if let Err(e) = spawned {
@@ -199,7 +225,53 @@ pub fn start(
             return Err(e.into());
         }
     }
+    Ok(workers)
+}
+
+/// Attach (`true`) or detach one queue of a multi-queue tap (`TUNSETQUEUE`).
+fn set_queue(fd: &impl AsRawFd, attach: bool) -> io::Result<()> {
+    // SAFETY: an all-zero ifreq is valid; only the flags are read.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let flag = if attach {
+        IFF_ATTACH_QUEUE
+    } else {
+        IFF_DETACH_QUEUE
+    };
+    req.ifr_ifru.ifru_flags = flag as libc::c_short;
+    // SAFETY: TUNSETQUEUE takes a pointer to an ifreq.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETQUEUE as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// The queues' threads as the NAT's workers.
+struct Queues {
+    handles: Vec<tokio::runtime::Handle>,
+    egresses: Vec<Arc<Egress>>,
+}
+
+impl Workers for Queues {
+    fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    fn current(&self) -> Option<usize> {
+        QUEUE.with(|q| q.get())
+    }
+
+    /// The queue is attached first if it is not (failing that, the connection runs there all
+    /// the same and writes through queue 0, as any thread of a detached queue does); it is
+    /// detached again when the last connection moved to it ends.
+    fn spawn(&self, to: usize, task: Task) {
+        let egress = Arc::clone(&self.egresses[to]);
+        egress.moved_in();
+        let handle = &self.handles[to];
+        handle.spawn(async move {
+            task.await;
+            egress.moved_out();
+        });
+    }
 }
 
 /// The most queues a tap device gets (`--tap-queues`).
@@ -209,7 +281,7 @@ thread_local! {
     /// The tap queue this thread serves: what it sends to the guest goes out through it (and
     /// the kernel then steers the guest's frames of that flow to the same queue). Any other
     /// thread writes through queue 0.
-    static QUEUE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static QUEUE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// Set when one queue of a tap device has ended: the others end with it.
@@ -247,6 +319,13 @@ struct Egress {
     notify: Notify,
     port: PortTx,
     busy: BusyPoll,
+    /// The queue is attached (queue 0 always is).
+    attached: std::sync::atomic::AtomicBool,
+    /// Connections moved to this queue's thread and still running ([`Queues::spawn`]); the
+    /// lock orders attaching and detaching.
+    attach: Mutex<usize>,
+    /// Wakes the queue's reader when the queue is attached.
+    attached_notify: Notify,
 }
 
 #[derive(Default)]
@@ -257,6 +336,54 @@ struct EgressState {
 }
 
 impl Egress {
+    fn is_attached(&self) -> bool {
+        self.attached.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A connection moves to this queue's thread: attach the queue if it is not.
+    fn moved_in(&self) {
+        let mut n = self.attach.lock().unwrap();
+        *n += 1;
+        if !self.is_attached() {
+            match set_queue(self.fd.get_ref(), true) {
+                Ok(()) => {
+                    self.attached
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    self.attached_notify.notify_waiters();
+                    tracing::debug!(port = self.port.id(), "tap queue attached");
+                }
+                Err(e) => tracing::warn!(port = self.port.id(), "attaching a tap queue: {e}"),
+            }
+        }
+    }
+
+    /// A connection moved to this queue's thread has ended: detach the queue after the last.
+    fn moved_out(&self) {
+        let mut n = self.attach.lock().unwrap();
+        *n -= 1;
+        if *n == 0 && self.is_attached() {
+            // Marked first: from now on frames leave through queue 0.
+            self.attached
+                .store(false, std::sync::atomic::Ordering::Release);
+            if let Err(e) = set_queue(self.fd.get_ref(), false) {
+                tracing::warn!(port = self.port.id(), "detaching a tap queue: {e}");
+            } else {
+                tracing::debug!(port = self.port.id(), "tap queue detached");
+            }
+        }
+    }
+
+    /// Until the queue is attached.
+    async fn wait_attached(&self) {
+        loop {
+            let n = self.attached_notify.notified();
+            if self.is_attached() {
+                return;
+            }
+            n.await;
+        }
+    }
+
     /// The switch's fast path for this port: takes every unicast frame (true).
     fn offer(&self, frame: &Bytes, partial: Option<Partial>) -> bool {
         if partial.is_some() && !self.vnet {
@@ -331,7 +458,8 @@ impl Egress {
         self.busy.frame();
         match r {
             // EIO: the link is down in the namespace; the frame is lost, the port stays.
-            Err(e) if e.raw_os_error() != Some(libc::EIO) => Err(e),
+            // Likewise a frame queued here before the queue was detached.
+            Err(e) if e.raw_os_error() != Some(libc::EIO) && self.is_attached() => Err(e),
             _ => Ok(()),
         }
     }
@@ -405,9 +533,12 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
     let busy = &egress.busy;
     let reader = {
         let (fd, port) = (Arc::clone(&fd), port.clone());
+        let egress = &egress;
         async move {
             let mut buf = BytesMut::with_capacity(4 * 65536);
             loop {
+                // A detached queue reads nothing (EBADFD) and polls as an error.
+                egress.wait_attached().await;
                 if buf.capacity() - buf.len() < max + 1 {
                     buf.reserve(4 * 65536);
                 }
@@ -459,6 +590,8 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                         port.send_partial(frame.freeze(), partial);
                         busy.frame();
                     }
+                    // Detached meanwhile (EBADFD): wait until it is attached again.
+                    Err(_) if !egress.is_attached() => {}
                     Err(e) => return e,
                 }
             }

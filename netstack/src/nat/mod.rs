@@ -13,6 +13,7 @@ mod inbox;
 mod tcp;
 mod udp;
 mod uplink;
+mod workers;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -25,6 +26,7 @@ use bytes::Bytes;
 use crate::{MacAddr, Routed};
 pub use uplink::FrameSink;
 use uplink::Uplink;
+pub use workers::{Task, Workers};
 
 /// How the NAT behaves.
 #[derive(Debug, Clone)]
@@ -144,6 +146,8 @@ pub struct FlowCounters {
     pub drop_limit: AtomicU64,
     /// TCP: idle connections' buffers returned to the kernel.
     pub buffers_released: AtomicU64,
+    /// TCP: bulk connections moved to another worker thread ([`Nat::add_workers`]).
+    pub moved: AtomicU64,
 }
 
 /// One count of a gauge of [`FlowCounters`] (`open`, `connecting`), given back when dropped:
@@ -207,6 +211,8 @@ pub struct FlowStats {
     pub drop_limit: u64,
     /// TCP: idle connections' buffers returned to the kernel.
     pub buffers_released: u64,
+    /// TCP: bulk connections moved to another worker thread.
+    pub moved: u64,
 }
 
 impl FlowCounters {
@@ -234,6 +240,7 @@ impl FlowCounters {
             drop_send_failed: g(&self.drop_send_failed),
             drop_limit: g(&self.drop_limit),
             buffers_released: g(&self.buffers_released),
+            moved: g(&self.moved),
         }
     }
 }
@@ -304,6 +311,8 @@ pub(crate) struct Shared {
     pub(crate) udp_inbound: Mutex<HashMap<udp::Key, InboundUdp>>,
     /// Which MAC each guest address was last seen at.
     pub(crate) neighbors: Mutex<HashMap<Ipv4Addr, MacAddr>>,
+    /// Threads bulk TCP connections may move to.
+    pub(crate) workers: workers::Slot,
 }
 
 /// A forwarded UDP flow's way back to its host client.
@@ -397,8 +406,17 @@ impl Nat {
                 udp_flows: Mutex::new(HashMap::new()),
                 udp_inbound: Mutex::new(HashMap::new()),
                 neighbors: Mutex::new(HashMap::new()),
+                workers: workers::Slot::default(),
             }),
         }
+    }
+
+    /// Threads of one port that its guest's connection tasks run on (a multi-queue tap):
+    /// a connection that turns out to carry bulk data moves to the one with the fewest such
+    /// (see `workers.rs`). Connections start on the thread that read their SYN. Workers
+    /// added by a second port turn moving off.
+    pub fn add_workers(&self, workers: std::sync::Arc<dyn Workers>) {
+        workers::add(&self.shared.workers, workers);
     }
 
     /// Route a guest's TCP segment (the whole, unfragmented IPv4 packet that the gateway

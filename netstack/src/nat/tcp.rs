@@ -28,6 +28,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::inbox::{self, TrySendError};
+use super::workers;
 use super::{FlowCounters, Held, Shared};
 use crate::frame::{write_ipv4, IPV4_HEADER_LEN};
 use crate::MacAddr;
@@ -134,7 +135,7 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes, parti
         id,
         mac: src_mac,
     };
-    tokio::spawn(conn.run(target, packet, rx));
+    tokio::spawn(workers::Hop::new(conn.run(target, packet, rx)));
 }
 
 #[derive(Clone, Copy)]
@@ -403,7 +404,7 @@ impl Conn {
     /// Carry the connection until both sides are done.
     async fn relay<S: HostStream>(
         &self,
-        stream: S,
+        mut stream: S,
         opening: Opening,
         inbox: &mut inbox::Receiver,
     ) -> io::Result<()> {
@@ -422,6 +423,7 @@ impl Conn {
         // Host connections the guest opened get keep-alive probes once they last.
         let mut keepalive_at = matches!(opening, Opening::Accept(_))
             .then(|| tokio::time::Instant::now() + HOST_KEEPALIVE_AFTER);
+        let movable = matches!(opening, Opening::Accept(_));
         match opening {
             Opening::Accept(syn) => {
                 socket.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -447,6 +449,10 @@ impl Conn {
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
+                                        // Bytes carried both ways until the connection counts as bulk (only connections the
+                                        // guest opened, whose task runs in a [`workers::Hop`], may move).
+        let mut carried = 0u64;
+        let mut bulk = None;
 
         // One timer for the connection's life, moved rather than made anew at every wait (a
         // new one is a registration and a removal in the runtime's timer wheel, and often a
@@ -454,6 +460,27 @@ impl Conn {
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         loop {
+            if movable && bulk.is_none() && carried >= workers::BULK_BYTES {
+                carried = 0;
+                if let Some((to, counted)) = workers::bulk(&shared.workers) {
+                    bulk = Some(counted);
+                    if let Some(to) = to.filter(|&to| workers::request(&shared.workers, to)) {
+                        // The task's hop hands it to worker `to`, where this resumes: the
+                        // host socket and the timer move to that thread's runtime, and
+                        // what goes to the guest from now on leaves from there.
+                        workers::yield_once().await;
+                        stream = stream.rehome()?;
+                        let at = sleep.deadline();
+                        sleep.set(tokio::time::sleep_until(at));
+                        FlowCounters::inc(&c.moved);
+                        tracing::debug!(
+                            "{} -> {}: moved to worker {to}",
+                            self.key.guest,
+                            self.key.dst
+                        );
+                    }
+                }
+            }
             iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
             let sock = sockets.get_mut::<tcp::Socket>(handle);
             if !established && sock.state() == tcp::State::Established {
@@ -470,6 +497,7 @@ impl Conn {
                 match r {
                     Ok(Ok(n)) => {
                         FlowCounters::add(&c.bytes_from_guest, n as u64);
+                        carried += n as u64;
                         moved = true;
                     }
                     Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -510,6 +538,7 @@ impl Conn {
                     }
                     Ok(Ok(n)) => {
                         FlowCounters::add(&c.bytes_to_guest, n as u64);
+                        carried += n as u64;
                         moved = true;
                     }
                     Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -830,6 +859,10 @@ pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// The same socket registered with the current thread's runtime (after a move to it).
+    fn rehome(self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
 macro_rules! host_stream {
@@ -846,6 +879,9 @@ macro_rules! host_stream {
             }
             fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
                 <$t>::writable(self)
+            }
+            fn rehome(self) -> io::Result<Self> {
+                <$t>::from_std(self.into_std()?)
             }
         }
     };
