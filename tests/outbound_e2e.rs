@@ -418,6 +418,143 @@ fn half_close_both_ways() {
     }
 }
 
+/// Frames in the pcap at `path` that match the tshark display `filter`.
+fn pcap_count(path: &std::path::Path, filter: &str) -> Option<usize> {
+    let mut c = std::process::Command::new("tshark");
+    c.args(["-n", "-r"])
+        .arg(path)
+        .args(["-Y", filter, "-T", "fields", "-e", "frame.number"]);
+    let out = run_with_deadline(c, Duration::from_secs(30));
+    out.success()
+        .then(|| out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// The ACK of the guest's FIN rides on usernet's next segment when the host closes at once
+/// (an echo: request, reply, the guest's FIN, the server's; the capture shows no bare ACK of
+/// the FIN: one segment to the guest fewer per connection), and waits no longer than 20 ms
+/// when the host answers later: with a server that replies 2 s after the guest's FIN, the
+/// guest's socket reaches FIN-WAIT-2 (its FIN acknowledged) long before, and the guest's
+/// kernel retransmits nothing.
+#[test]
+fn guest_fin_ack_rides_on_the_answer_or_comes_soon() {
+    let test = "guest_fin_ack_rides_on_the_answer_or_comes_soon";
+    if !require_root_and_tools(test, &["tshark"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pcap = dir.path().join("fin.pcap");
+    let pcap_arg = pcap.display().to_string();
+    let Some(rig) = rig(test, &["--pcap", &pcap_arg]) else {
+        return;
+    };
+    // 1000 bytes each way: relative to the guest's ISN, its FIN is 1001 and its ACK 1002.
+    let fin_acked = "tcp.ack == 1002";
+
+    // At once: the echo server closes when it reads the end; its FIN carries the ACK.
+    let mut srv = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9017"], 't', 9017);
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["echo-many", SERVER, "9017", "1", "1000", "20"],
+        Duration::from_secs(30),
+    );
+    rig.check(
+        u(&v, "ok") == 1,
+        format!(
+            "1000 bytes echoed on :9017\n{}\n{}",
+            out.describe(),
+            srv.describe()
+        ),
+    );
+    let from = "tcp.srcport == 9017";
+    let mut carried = None;
+    poll_until(Duration::from_secs(10), || {
+        carried = pcap_count(&pcap, &format!("{from} && {fin_acked}"));
+        carried.is_some_and(|n| n > 0)
+    });
+    let bare = pcap_count(
+        &pcap,
+        &format!(
+            "{from} && {fin_acked} && tcp.len == 0 && tcp.flags.fin == 0 && tcp.flags.reset == 0"
+        ),
+    );
+    rig.check(
+        carried.is_some_and(|n| n > 0) && bare == Some(0),
+        format!(
+            "the guest's FIN acknowledged by the answer, not by a bare ACK: {carried:?} segments \
+             acknowledge it, {bare:?} of them bare"
+        ),
+    );
+    srv.kill();
+
+    // Two seconds later: the ACK comes alone, within 20 ms, before the guest's kernel resends.
+    let answered = |out: &RunOutput| {
+        parse_last_json(&out.stdout)
+            .filter(|_| out.success())
+            .is_some_and(|v| {
+                s(&v, "header") == format!("1000 {}", s(&v, "sent_sha"))
+                    && u(&v, "body_len") == 100
+                    && s(&v, "body_sha") == s(&v, "expected_body_sha")
+            })
+    };
+    let mut srv = rig.tool_server(
+        &rig.s,
+        &["tcp-halfclose", SERVER, "9018", "100", "2"],
+        't',
+        9018,
+    );
+    let retrans = || snmp_counter(&rig.g, "Tcp", "RetransSegs");
+    let before = retrans();
+    // The guest's data is acknowledged before its FIN (a pause of 0.2 s), as in a request
+    // answered later: the FIN alone waits for its ACK.
+    let client = rig.tool(&rig.g, &["halfclose", SERVER, "9018", "1000", "100", "0.2"]);
+    let running = std::thread::spawn(move || run_with_deadline(client, Duration::from_secs(30)));
+    let mut seen = String::new();
+    let fin_wait_2 = poll_until(Duration::from_millis(1500), || {
+        let out = run_with_deadline(
+            rig.g.exec(
+                "ss",
+                &[
+                    "-tnH",
+                    "state",
+                    "fin-wait-2",
+                    "dst",
+                    &format!("{SERVER}:9018"),
+                ],
+            ),
+            Duration::from_secs(5),
+        );
+        seen = out.stdout;
+        !seen.trim().is_empty()
+    });
+    let out = running.join().expect("halfclose thread");
+    let after = retrans();
+    rig.check(
+        answered(&out),
+        format!(
+            "half-close to :9018 answered after 2 s\n{}\n{}",
+            out.describe(),
+            srv.describe()
+        ),
+    );
+    rig.check(
+        fin_wait_2,
+        format!("while the server waits 2 s, the guest's FIN is acknowledged (FIN-WAIT-2 within 1.5 s): ss {seen:?}"),
+    );
+    let alone = pcap_count(
+        &pcap,
+        &format!("tcp.srcport == 9018 && {fin_acked} && tcp.len == 0 && tcp.flags.fin == 0"),
+    );
+    rig.check(
+        alone.is_some_and(|n| n >= 1),
+        format!("a bare ACK of the guest's FIN went out while the server waited: {alone:?}"),
+    );
+    rig.check(
+        before.is_some() && before == after,
+        format!("the guest retransmitted nothing (RetransSegs {before:?} -> {after:?})"),
+    );
+    srv.kill();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. RST both ways
 // ---------------------------------------------------------------------------------------------

@@ -181,14 +181,15 @@ def srv_tcp_source(bind, port, nbytes):
     serve_threads(bind, port, h)
 
 
-def srv_tcp_halfclose(bind, port, reply_bytes):
-    """Reads to EOF (the client half-closed), then replies `COUNT SHA\\n` + REPLY_BYTES of the
-    stream, then closes."""
-    reply_bytes = int(reply_bytes)
+def srv_tcp_halfclose(bind, port, reply_bytes, delay="0"):
+    """Reads to EOF (the client half-closed), then (DELAY seconds later) replies `COUNT SHA\\n`
+    + REPLY_BYTES of the stream, then closes."""
+    reply_bytes, delay = int(reply_bytes), float(delay)
 
     def h(c, peer):
         hs = hashlib.sha256()
         n = read_to_eof(c, hs)
+        time.sleep(delay)
         c.sendall(("%d %s\n" % (n, hs.hexdigest())).encode())
         for b in gen(reply_bytes):
             c.sendall(b)
@@ -374,14 +375,16 @@ def cli_recv(host, port, nbytes):
          "mib_per_s": n / (1 << 20) / max(secs, 1e-9)})
 
 
-def cli_halfclose(host, port, nbytes, reply_bytes):
-    nbytes, reply_bytes = int(nbytes), int(reply_bytes)
+def cli_halfclose(host, port, nbytes, reply_bytes, pause="0"):
+    """Sends NBYTES, (PAUSE seconds later) half-closes, reads the reply to EOF."""
+    nbytes, reply_bytes, pause = int(nbytes), int(reply_bytes), float(pause)
     s = socket.create_connection((host, int(port)), timeout=10)
     s.settimeout(60)
     hs = hashlib.sha256()
     for b in gen(nbytes):
         hs.update(b)
         s.sendall(b)
+    time.sleep(pause)
     s.shutdown(socket.SHUT_WR)
     data = bytearray()
     while True:

@@ -48,6 +48,14 @@ const INBOX: usize = 512;
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// When a host connection of the guest's gets its keep-alive probes ([`host_keepalive`]).
 const HOST_KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
+/// How long the ACK of a guest's FIN waits for our next segment, while the host side is open.
+/// The host usually answers or closes as soon as it reads the end (a request-response
+/// connection): our FIN then carries the ACK, one segment to the guest instead of two (Linux
+/// delays this ACK too, in CLOSE_WAIT's ping-pong mode). Past this, the guest's FIN is fed to
+/// smoltcp once more, which answers the duplicate with an ACK: well before the guest's kernel
+/// would send the FIN again (a lone segment in flight waits at least 200 ms for its ACK; see
+/// [`GuestLink::held_back_fin`] for when the ACK is held at all).
+const FIN_ACK_DELAY: Duration = Duration::from_millis(20);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -453,6 +461,10 @@ impl Conn {
                                         // guest opened, whose task runs in a [`workers::Hop`], may move).
         let mut carried = 0u64;
         let mut bulk = None;
+        // The ACK of the guest's FIN, held back ([`FIN_ACK_DELAY`]): the FIN, where it ends,
+        // when to send the ACK anyway. Only the first FIN taken is held.
+        let mut fin_ack: Option<(Bytes, u32, tokio::time::Instant)> = None;
+        let mut fin_taken = false;
 
         // One timer for the connection's life, moved rather than made anew at every wait (a
         // new one is a registration and a removal in the runtime's timer wheel, and often a
@@ -481,8 +493,48 @@ impl Conn {
                     }
                 }
             }
+            if let Some((fin, _, at)) = &fin_ack {
+                if tokio::time::Instant::now() >= *at {
+                    dev.rx.push_back(fin.clone()); // answered with the ACK
+                    fin_ack = None;
+                }
+            }
+            let fin = (!fin_taken && host_read_open)
+                .then(|| dev.held_back_fin())
+                .flatten();
+            dev.hold_ack = fin.is_some();
             iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+            dev.hold_ack = false;
+            if let Some(fin) = fin {
+                let taken = matches!(
+                    sockets.get::<tcp::Socket>(handle).state(),
+                    tcp::State::CloseWait
+                        | tcp::State::LastAck
+                        | tcp::State::Closing
+                        | tcp::State::TimeWait
+                );
+                if std::mem::take(&mut dev.held) {
+                    match fin_end(&fin) {
+                        Some(end) if taken => {
+                            fin_ack = Some((fin, end, tokio::time::Instant::now() + FIN_ACK_DELAY))
+                        }
+                        // Not taken in order (its ACK may be a duplicate the guest counts on):
+                        // fed again, answered at once.
+                        _ => {
+                            dev.rx.push_back(fin);
+                            iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+                        }
+                    }
+                }
+                fin_taken = taken;
+            }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
+            if fin_ack
+                .as_ref()
+                .is_some_and(|(_, end, _)| acked_through(Some(*end), dev.acked))
+            {
+                fin_ack = None; // a segment since has carried the ACK
+            }
             if !established && sock.state() == tcp::State::Established {
                 established = true;
                 sock.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -596,6 +648,9 @@ impl Conn {
                     .unwrap_or(Duration::from_secs(3600));
             if dirty && empty {
                 wake = wake.min(last_activity + RELEASE_AFTER);
+            }
+            if let Some((_, _, at)) = &fin_ack {
+                wake = wake.min(*at);
             }
             if let Some(at) = keepalive_at {
                 if now >= at {
@@ -952,6 +1007,10 @@ struct GuestLink<'a> {
     /// The guest's port takes segments of up to 64 KiB (segmentation offload): smoltcp sends
     /// them, and sees the guest's MSS raised to match.
     large: bool,
+    /// Hold back a pure ACK that smoltcp sends (set for the poll that takes the guest's FIN,
+    /// see [`FIN_ACK_DELAY`]); `held` says one was.
+    hold_ack: bool,
+    held: bool,
 }
 
 /// The IP MTU of a connection whose guest takes large segments.
@@ -967,6 +1026,8 @@ impl<'a> GuestLink<'a> {
             guest_end: None,
             acked: None,
             large,
+            hold_ack: false,
+            held: false,
         }
     }
 
@@ -975,6 +1036,26 @@ impl<'a> GuestLink<'a> {
     /// sent past the acknowledgement point).
     fn all_acked(&self) -> bool {
         acked_through(self.guest_end, self.acked)
+    }
+
+    /// The guest's FIN among the segments to take, if its ACK may be held back: everything
+    /// the guest sent before it is acknowledged already and the segments before it carry no
+    /// data, so that the FIN (with its own data) is all the guest waits on. With more in
+    /// flight its kernel would probe for loss within a few milliseconds (twice the round
+    /// trip); with that one segment it waits at least 200 ms.
+    fn held_back_fin(&self) -> Option<Bytes> {
+        if !self.all_acked() {
+            return None;
+        }
+        for p in &self.rx {
+            if fin_end(p).is_some() {
+                return Some(p.clone());
+            }
+            if segment_data(p).is_none_or(|(_, len)| len > 0) {
+                return None;
+            }
+        }
+        None
     }
 }
 
@@ -1053,6 +1134,31 @@ fn segment_ack(packet: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(tcp.get(8..12)?.try_into().ok()?))
 }
 
+/// The sequence number just past the FIN of the TCP segment in IPv4 `packet`, if it has one.
+fn fin_end(packet: &[u8]) -> Option<u32> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    let flags = *packet.get(ihl + 13)?;
+    if flags & 0x01 == 0 {
+        return None;
+    }
+    let (seq, len) = segment_data(packet)?;
+    let syn = u32::from(flags & 0x02 != 0);
+    Some(
+        seq.wrapping_add(len as u32)
+            .wrapping_add(syn)
+            .wrapping_add(1),
+    )
+}
+
+/// A TCP segment with nothing but an acknowledgement (no data, no SYN, FIN or RST).
+fn pure_ack(packet: &[u8]) -> bool {
+    let Some((_, len)) = segment_data(packet) else {
+        return false;
+    };
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    len == 0 && packet.get(ihl + 13).is_some_and(|f| f & 0x07 == 0)
+}
+
 impl Device for GuestLink<'_> {
     type RxToken<'b>
         = RxToken
@@ -1087,6 +1193,7 @@ impl Device for GuestLink<'_> {
                 mac: self.mac,
                 acked: &mut self.acked,
                 partial: self.large,
+                hold: self.hold_ack.then_some(&mut self.held),
             },
         ))
     }
@@ -1097,6 +1204,7 @@ impl Device for GuestLink<'_> {
             mac: self.mac,
             acked: &mut self.acked,
             partial: self.large,
+            hold: self.hold_ack.then_some(&mut self.held),
         })
     }
 
@@ -1135,10 +1243,31 @@ struct TxToken<'a> {
     acked: &'a mut Option<u32>,
     /// Leave the TCP checksum partial (the guest's port takes it so; smoltcp computes none).
     partial: bool,
+    /// Hold back a pure ACK (not sent, not counted as sent) and say so here.
+    hold: Option<&'a mut bool>,
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        if let Some(held) = self.hold {
+            // Built aside first, to see what it is (only in the poll that takes a FIN).
+            let mut segment = vec![0u8; len];
+            let result = f(&mut segment);
+            if pure_ack(&segment) {
+                *held = true;
+                return result;
+            }
+            let copy = |b: &mut [u8]| b.copy_from_slice(&segment);
+            if self.partial {
+                self.shared.uplink.send_partial_with(self.mac, len, copy);
+            } else {
+                self.shared.uplink.send_with(self.mac, len, copy);
+            }
+            if let Some(ack) = segment_ack(&segment) {
+                *self.acked = Some(ack);
+            }
+            return result;
+        }
         let mut result = None;
         let acked = self.acked;
         let write = |b: &mut [u8]| {
