@@ -1251,6 +1251,20 @@ fn tap_queues_carry_bulk_connections_on_both_threads() {
             rig.check(moved == 0, format!("one queue: nothing moves ({moved})"));
             rig.check(second.is_none(), "one queue: no second queue thread");
         }
+        // Whatever moved where (connections that came in on the second queue while it was
+        // attached may have moved to the first), the port still carries new connections.
+        let (v, out) = rig.tool_json(
+            &rig.g,
+            &["echo-many", SERVER, "9012", "4", "65536", "20"],
+            Duration::from_secs(30),
+        );
+        rig.check(
+            u(&v, "ok") == 4,
+            format!(
+                "{queues} queue(s): 4 more connections after the bulk ones\n{}",
+                out.describe()
+            ),
+        );
         echo.kill();
     }
 }

@@ -146,6 +146,7 @@ pub fn start(
     let queues = queues.clamp(1, MAX_QUEUES);
     let fds = create_in_netns(netns, name, mtu, offload, queues)
         .map_err(|e| anyhow::anyhow!("tap-netns {}: creating {name}: {e}", netns.display()))?;
+    let queues = fds.len();
     tracing::info!(
         "serving tap {name} in {} ({queues} queue{})",
         netns.display(),
@@ -191,17 +192,19 @@ pub fn start(
         }));
         runtimes.push(runtime);
     }
+    let tap = NEXT_TAP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let direct = egresses.clone();
     switch.set_fast_path(
         &port,
         Arc::new(move |frame: &Bytes, partial| {
-            let q = QUEUE.with(|q| q.get()).unwrap_or(0).min(direct.len() - 1);
+            let q = queue_of(tap).unwrap_or(0).min(direct.len() - 1);
             let q = if direct[q].is_attached() { q } else { 0 };
             direct[q].offer(frame, partial)
         }),
     );
     let workers: Option<Arc<dyn Workers>> = (egresses.len() > 1).then(|| {
         Arc::new(Queues {
+            tap,
             handles: runtimes.iter().map(|r| r.handle().clone()).collect(),
             egresses: egresses.clone(),
         }) as Arc<dyn Workers>
@@ -217,7 +220,7 @@ pub fn start(
             format!("tap {name} q{i}")
         };
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
-            QUEUE.with(|q| q.set(Some(i)));
+            QUEUE.with(|q| q.set(Some((tap, i))));
             runtime.block_on(serve(egress, thread_port, rx, &ended))
         });
         if let Err(e) = spawned {
@@ -247,6 +250,8 @@ fn set_queue(fd: &impl AsRawFd, attach: bool) -> io::Result<()> {
 
 /// The queues' threads as the NAT's workers.
 struct Queues {
+    /// This device's number in the threads' [`QUEUE`].
+    tap: usize,
     handles: Vec<tokio::runtime::Handle>,
     egresses: Vec<Arc<Egress>>,
 }
@@ -257,20 +262,26 @@ impl Workers for Queues {
     }
 
     fn current(&self) -> Option<usize> {
-        QUEUE.with(|q| q.get())
+        queue_of(self.tap)
     }
 
-    /// The queue is attached first if it is not (failing that, the connection runs there all
-    /// the same and writes through queue 0, as any thread of a detached queue does); it is
-    /// detached again when the last connection moved to it ends.
     fn spawn(&self, to: usize, task: Task) {
-        let egress = Arc::clone(&self.egresses[to]);
-        egress.moved_in();
-        let handle = &self.handles[to];
-        handle.spawn(async move {
-            task.await;
-            egress.moved_out();
-        });
+        self.handles[to].spawn(task);
+    }
+
+    /// A queue past the first is attached while connection tasks run on its thread (failing
+    /// that, they run there all the same and write through queue 0, as any thread of a
+    /// detached queue does), and detached when the last has ended or moved away.
+    fn arrived(&self, worker: usize) {
+        if worker > 0 {
+            self.egresses[worker].arrived();
+        }
+    }
+
+    fn left(&self, worker: usize) {
+        if worker > 0 {
+            self.egresses[worker].left();
+        }
     }
 }
 
@@ -278,10 +289,19 @@ impl Workers for Queues {
 pub const MAX_QUEUES: usize = 16;
 
 thread_local! {
-    /// The tap queue this thread serves: what it sends to the guest goes out through it (and
-    /// the kernel then steers the guest's frames of that flow to the same queue). Any other
-    /// thread writes through queue 0.
-    static QUEUE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// The tap device (numbered by [`NEXT_TAP`]) and queue this thread serves: what it sends
+    /// to that device's guest goes out through that queue (and the kernel then steers the
+    /// guest's frames of that flow to the same queue). Any other thread writes through queue 0.
+    static QUEUE: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+static NEXT_TAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The queue of tap `tap` that this thread serves, if it serves one.
+fn queue_of(tap: usize) -> Option<usize> {
+    QUEUE
+        .with(|q| q.get())
+        .and_then(|(t, q)| (t == tap).then_some(q))
 }
 
 /// Set when one queue of a tap device has ended: the others end with it.
@@ -321,8 +341,8 @@ struct Egress {
     busy: BusyPoll,
     /// The queue is attached (queue 0 always is).
     attached: std::sync::atomic::AtomicBool,
-    /// Connections moved to this queue's thread and still running ([`Queues::spawn`]); the
-    /// lock orders attaching and detaching.
+    /// Connection tasks running on this queue's thread ([`Workers::arrived`]); the lock
+    /// orders attaching and detaching.
     attach: Mutex<usize>,
     /// Wakes the queue's reader when the queue is attached.
     attached_notify: Notify,
@@ -340,8 +360,9 @@ impl Egress {
         self.attached.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// A connection moves to this queue's thread: attach the queue if it is not.
-    fn moved_in(&self) {
+    /// A connection task runs on this queue's thread (not queue 0's): attach the queue if it
+    /// is not.
+    fn arrived(&self) {
         let mut n = self.attach.lock().unwrap();
         *n += 1;
         if !self.is_attached() {
@@ -357,10 +378,12 @@ impl Egress {
         }
     }
 
-    /// A connection moved to this queue's thread has ended: detach the queue after the last.
-    fn moved_out(&self) {
+    /// A connection task has left this queue's thread (ended or moved): detach the queue
+    /// after the last. (Frames of other flows still unread in it are lost then: UDP's, or
+    /// those of a connection that has just ended.)
+    fn left(&self) {
         let mut n = self.attach.lock().unwrap();
-        *n -= 1;
+        *n = n.saturating_sub(1);
         if *n == 0 && self.is_attached() {
             // Marked first: from now on frames leave through queue 0.
             self.attached
@@ -537,7 +560,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
         async move {
             let mut buf = BytesMut::with_capacity(4 * 65536);
             loop {
-                // A detached queue reads nothing (EBADFD) and polls as an error.
+                // A detached queue is not read (it polls as never readable).
                 egress.wait_attached().await;
                 if buf.capacity() - buf.len() < max + 1 {
                     buf.reserve(4 * 65536);
@@ -590,7 +613,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                         port.send_partial(frame.freeze(), partial);
                         busy.frame();
                     }
-                    // Detached meanwhile (EBADFD): wait until it is attached again.
+                    // Detached meanwhile: wait until it is attached again.
                     Err(_) if !egress.is_attached() => {}
                     Err(e) => return e,
                 }
@@ -627,7 +650,8 @@ fn create_in_netns(
         setns(&ns, CloneFlags::CLONE_NEWNET)
             .map_err(|e| io::Error::other(format!("setns {}: {e}", path.display())))?;
         let mut fds = Vec::new();
-        for _ in 0..queues {
+        let mut queues = queues;
+        while fds.len() < queues {
             let tun = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -640,7 +664,14 @@ fn create_in_netns(
                 (libc::IFF_TAP | libc::IFF_NO_PI | vnet_flag | mq_flag) as libc::c_short;
             // SAFETY: TUNSETIFF takes a pointer to an ifreq.
             if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                if mq_flag != 0 && fds.is_empty() && e.raw_os_error() == Some(libc::EINVAL) {
+                    // A tap that exists already, made single-queue: serve it so.
+                    tracing::info!("tap {name} exists without multiple queues: serving one");
+                    queues = 1;
+                    continue;
+                }
+                return Err(e);
             }
             if vnet {
                 let size: libc::c_int = VNET_HDR_LEN as libc::c_int;

@@ -51,10 +51,11 @@ const HOST_KEEPALIVE_AFTER: Duration = Duration::from_secs(1);
 /// How long the ACK of a guest's FIN waits for our next segment, while the host side is open.
 /// The host usually answers or closes as soon as it reads the end (a request-response
 /// connection): our FIN then carries the ACK, one segment to the guest instead of two (Linux
-/// delays this ACK too, in CLOSE_WAIT's ping-pong mode). Past this, the guest's FIN is fed to
-/// smoltcp once more, which answers the duplicate with an ACK: well before the guest's kernel
-/// would send the FIN again (a lone segment in flight waits at least 200 ms for its ACK; see
-/// [`GuestLink::held_back_fin`] for when the ACK is held at all).
+/// delays this ACK too, in CLOSE_WAIT's ping-pong mode). Past this, the ACK smoltcp built is
+/// sent as it was (nothing has gone out since, so it is still current but for its window and
+/// timestamp): well before the guest's kernel would send the FIN again (a lone segment in
+/// flight waits at least 200 ms for its ACK; see [`GuestLink::held_back_fin`] for when the
+/// ACK is held at all).
 const FIN_ACK_DELAY: Duration = Duration::from_millis(20);
 /// A guest that answers nothing (not even keep-alives) for this long loses the connection.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -143,7 +144,10 @@ pub(crate) fn route(shared: &Arc<Shared>, src_mac: MacAddr, packet: Bytes, parti
         id,
         mac: src_mac,
     };
-    tokio::spawn(workers::Hop::new(conn.run(target, packet, rx)));
+    tokio::spawn(workers::Hop::new(
+        &shared.workers,
+        conn.run(target, packet, rx),
+    ));
 }
 
 #[derive(Clone, Copy)]
@@ -461,9 +465,9 @@ impl Conn {
                                         // guest opened, whose task runs in a [`workers::Hop`], may move).
         let mut carried = 0u64;
         let mut bulk = None;
-        // The ACK of the guest's FIN, held back ([`FIN_ACK_DELAY`]): the FIN, where it ends,
-        // when to send the ACK anyway. Only the first FIN taken is held.
-        let mut fin_ack: Option<(Bytes, u32, tokio::time::Instant)> = None;
+        // The ACK of the guest's FIN, held back ([`FIN_ACK_DELAY`]): the segment, where the
+        // FIN ends, when to send the segment anyway. Only the first FIN taken is held.
+        let mut fin_ack: Option<(Vec<u8>, u32, tokio::time::Instant)> = None;
         let mut fin_taken = false;
 
         // One timer for the connection's life, moved rather than made anew at every wait (a
@@ -493,10 +497,12 @@ impl Conn {
                     }
                 }
             }
-            if let Some((fin, _, at)) = &fin_ack {
-                if tokio::time::Instant::now() >= *at {
-                    dev.rx.push_back(fin.clone()); // answered with the ACK
-                    fin_ack = None;
+            if fin_ack
+                .as_ref()
+                .is_some_and(|(_, _, at)| tokio::time::Instant::now() >= *at)
+            {
+                if let Some((ack, _, _)) = fin_ack.take() {
+                    dev.send_now(&ack); // nothing else went out since: still current
                 }
             }
             let fin = (!fin_taken && host_read_open)
@@ -513,17 +519,14 @@ impl Conn {
                         | tcp::State::Closing
                         | tcp::State::TimeWait
                 );
-                if std::mem::take(&mut dev.held) {
+                if let Some(ack) = dev.held.take() {
                     match fin_end(&fin) {
                         Some(end) if taken => {
-                            fin_ack = Some((fin, end, tokio::time::Instant::now() + FIN_ACK_DELAY))
+                            fin_ack = Some((ack, end, tokio::time::Instant::now() + FIN_ACK_DELAY))
                         }
                         // Not taken in order (its ACK may be a duplicate the guest counts on):
-                        // fed again, answered at once.
-                        _ => {
-                            dev.rx.push_back(fin);
-                            iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
-                        }
+                        // sent at once.
+                        _ => dev.send_now(&ack),
                     }
                 }
                 fin_taken = taken;
@@ -1008,9 +1011,9 @@ struct GuestLink<'a> {
     /// them, and sees the guest's MSS raised to match.
     large: bool,
     /// Hold back a pure ACK that smoltcp sends (set for the poll that takes the guest's FIN,
-    /// see [`FIN_ACK_DELAY`]); `held` says one was.
+    /// see [`FIN_ACK_DELAY`]); `held` is the one held back (its IPv4 packet).
     hold_ack: bool,
-    held: bool,
+    held: Option<Vec<u8>>,
 }
 
 /// The IP MTU of a connection whose guest takes large segments.
@@ -1027,7 +1030,7 @@ impl<'a> GuestLink<'a> {
             acked: None,
             large,
             hold_ack: false,
-            held: false,
+            held: None,
         }
     }
 
@@ -1036,6 +1039,21 @@ impl<'a> GuestLink<'a> {
     /// sent past the acknowledgement point).
     fn all_acked(&self) -> bool {
         acked_through(self.guest_end, self.acked)
+    }
+
+    /// Send a segment built earlier (a held-back ACK) as it is.
+    fn send_now(&mut self, packet: &[u8]) {
+        let copy = |b: &mut [u8]| b.copy_from_slice(packet);
+        if self.large {
+            self.shared
+                .uplink
+                .send_partial_with(self.mac, packet.len(), copy);
+        } else {
+            self.shared.uplink.send_with(self.mac, packet.len(), copy);
+        }
+        if let Some(ack) = segment_ack(packet) {
+            self.acked = Some(ack);
+        }
     }
 
     /// The guest's FIN among the segments to take, if its ACK may be held back: everything
@@ -1243,8 +1261,8 @@ struct TxToken<'a> {
     acked: &'a mut Option<u32>,
     /// Leave the TCP checksum partial (the guest's port takes it so; smoltcp computes none).
     partial: bool,
-    /// Hold back a pure ACK (not sent, not counted as sent) and say so here.
-    hold: Option<&'a mut bool>,
+    /// Hold back a pure ACK (not sent, not counted as sent): here.
+    hold: Option<&'a mut Option<Vec<u8>>>,
 }
 
 impl phy::TxToken for TxToken<'_> {
@@ -1254,7 +1272,7 @@ impl phy::TxToken for TxToken<'_> {
             let mut segment = vec![0u8; len];
             let result = f(&mut segment);
             if pure_ack(&segment) {
-                *held = true;
+                *held = Some(segment);
                 return result;
             }
             let copy = |b: &mut [u8]| b.copy_from_slice(&segment);

@@ -33,6 +33,31 @@ pub trait Workers: Send + Sync + 'static {
     fn current(&self) -> Option<usize>;
     /// Run `task` on worker `to` from now on (its runtime spawns it).
     fn spawn(&self, to: usize, task: Task);
+    /// A connection task runs on `worker` from now on (started there or moved there); each
+    /// is matched by one [`Workers::left`] when it ends or moves away, also when it is
+    /// dropped unfinished.
+    fn arrived(&self, worker: usize);
+    /// A connection task no longer runs on `worker`.
+    fn left(&self, worker: usize);
+}
+
+/// One connection task counted on its worker ([`Workers::arrived`]) until dropped.
+struct Running {
+    workers: Arc<dyn Workers>,
+    worker: usize,
+}
+
+impl Running {
+    fn new(workers: Arc<dyn Workers>, worker: usize) -> Running {
+        workers.arrived(worker);
+        Running { workers, worker }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.workers.left(self.worker);
+    }
 }
 
 /// The workers of the NAT and their bulk connections.
@@ -124,12 +149,27 @@ pub(crate) async fn yield_once() {
     .await
 }
 
-/// A connection task that can move to another worker between two polls.
-pub(crate) struct Hop(Option<Task>);
+/// A connection task that can move to another worker between two polls, counted on the
+/// worker it runs on (when it runs on one).
+pub(crate) struct Hop {
+    task: Option<Task>,
+    running: Option<Running>,
+}
 
 impl Hop {
-    pub(crate) fn new(task: impl Future<Output = ()> + Send + 'static) -> Hop {
-        Hop(Some(Box::pin(task)))
+    /// A task about to be spawned on this thread.
+    pub(crate) fn new(slot: &Slot, task: impl Future<Output = ()> + Send + 'static) -> Hop {
+        let running = match slot.lock().unwrap().as_ref() {
+            Some(Some(pool)) => pool
+                .workers
+                .current()
+                .map(|w| Running::new(Arc::clone(&pool.workers), w)),
+            _ => None,
+        };
+        Hop {
+            task: Some(Box::pin(task)),
+            running,
+        }
     }
 }
 
@@ -137,17 +177,23 @@ impl Future for Hop {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(task) = self.0.as_mut() else {
+        let Some(task) = self.task.as_mut() else {
             return Poll::Ready(());
         };
         MOVE.with(|m| m.set(None));
         if task.as_mut().poll(cx).is_ready() {
-            self.0 = None;
+            self.task = None;
+            self.running = None;
             return Poll::Ready(());
         }
         if let Some((to, workers)) = MOVE.with(|m| m.take()) {
-            let task = self.0.take().expect("polled above");
-            workers.spawn(to, Box::pin(Hop(Some(task))));
+            // Counted on the new worker before it leaves this one.
+            let moved = Hop {
+                task: self.task.take(),
+                running: Some(Running::new(Arc::clone(&workers), to)),
+            };
+            self.running = None;
+            workers.spawn(to, Box::pin(moved));
             return Poll::Ready(());
         }
         Poll::Pending
@@ -163,6 +209,7 @@ mod tests {
     struct Two {
         spawned: Mutex<Vec<Task>>,
         current: AtomicUsize,
+        running: [AtomicUsize; 2],
     }
 
     impl Workers for Two {
@@ -176,12 +223,25 @@ mod tests {
             assert_eq!(to, 1);
             self.spawned.lock().unwrap().push(task);
         }
+        fn arrived(&self, worker: usize) {
+            self.running[worker].fetch_add(1, Ordering::SeqCst);
+        }
+        fn left(&self, worker: usize) {
+            self.running[worker].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Two {
+        fn running(&self) -> [usize; 2] {
+            [0, 1].map(|w| self.running[w].load(Ordering::SeqCst))
+        }
     }
 
     fn two() -> (Arc<Two>, Slot) {
         let w = Arc::new(Two {
             spawned: Mutex::new(Vec::new()),
             current: AtomicUsize::new(0),
+            running: Default::default(),
         });
         let slot = Slot::default();
         add(&slot, Arc::clone(&w) as Arc<dyn Workers>);
@@ -218,24 +278,39 @@ mod tests {
         let slot = Arc::new(slot);
         let steps = Arc::new(AtomicUsize::new(0));
         let (s2, st) = (Arc::clone(&slot), Arc::clone(&steps));
-        let mut hop = Box::pin(Hop::new(async move {
+        let mut hop = Box::pin(Hop::new(&slot, async move {
             st.fetch_add(1, Ordering::SeqCst);
             assert!(request(&s2, 1));
             yield_once().await;
             st.fetch_add(1, Ordering::SeqCst);
         }));
+        assert_eq!(w.running(), [1, 0], "counted where it starts");
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(hop.as_mut().poll(&mut cx).is_ready(), "the old task ends");
         assert_eq!(steps.load(Ordering::SeqCst), 1);
+        assert_eq!(w.running(), [0, 1], "counted where it went");
         let mut moved = w.spawned.lock().unwrap().pop().expect("handed to worker 1");
         assert!(moved.as_mut().poll(&mut cx).is_ready(), "resumed and done");
         assert_eq!(steps.load(Ordering::SeqCst), 2);
+        assert_eq!(w.running(), [0, 0], "and no longer when done");
+        drop(moved);
+        assert_eq!(w.running(), [0, 0]);
+    }
+
+    #[test]
+    fn a_task_dropped_unfinished_is_no_longer_counted() {
+        let (w, slot) = two();
+        let hop = Hop::new(&slot, std::future::pending::<()>());
+        assert_eq!(w.running(), [1, 0]);
+        drop(hop);
+        assert_eq!(w.running(), [0, 0]);
     }
 
     #[test]
     fn yield_without_a_move_is_polled_again() {
-        let mut hop = Box::pin(Hop::new(async {
+        let slot = Slot::default();
+        let mut hop = Box::pin(Hop::new(&slot, async {
             yield_once().await;
         }));
         let waker = std::task::Waker::noop();
