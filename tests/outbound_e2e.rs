@@ -418,6 +418,31 @@ fn half_close_both_ways() {
     }
 }
 
+/// `echo-many` from the guest to SERVER:`port`: all `n` connections echo `size` bytes exactly
+/// (`context` goes into the failure).
+#[track_caller]
+fn echo_many_ok(rig: &OutboundRig, port: &str, n: u64, size: usize, context: &str) {
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &[
+            "echo-many",
+            SERVER,
+            port,
+            &n.to_string(),
+            &size.to_string(),
+            "20",
+        ],
+        Duration::from_secs(30),
+    );
+    rig.check(
+        u(&v, "ok") == n,
+        format!(
+            "{n} connections echoing {size} bytes on :{port}\n{}\n{context}",
+            out.describe()
+        ),
+    );
+}
+
 /// Frames in the pcap at `path` that match the tshark display `filter`.
 fn pcap_count(path: &std::path::Path, filter: &str) -> Option<usize> {
     let mut c = std::process::Command::new("tshark");
@@ -452,19 +477,7 @@ fn guest_fin_ack_rides_on_the_answer_or_comes_soon() {
 
     // At once: the echo server closes when it reads the end; its FIN carries the ACK.
     let mut srv = rig.tool_server(&rig.s, &["tcp-echo", SERVER, "9017"], 't', 9017);
-    let (v, out) = rig.tool_json(
-        &rig.g,
-        &["echo-many", SERVER, "9017", "1", "1000", "20"],
-        Duration::from_secs(30),
-    );
-    rig.check(
-        u(&v, "ok") == 1,
-        format!(
-            "1000 bytes echoed on :9017\n{}\n{}",
-            out.describe(),
-            srv.describe()
-        ),
-    );
+    echo_many_ok(&rig, "9017", 1, 1000, &srv.describe());
     let from = "tcp.srcport == 9017";
     let mut carried = None;
     poll_until(Duration::from_secs(10), || {
@@ -1253,17 +1266,12 @@ fn tap_queues_carry_bulk_connections_on_both_threads() {
         }
         // Whatever moved where (connections that came in on the second queue while it was
         // attached may have moved to the first), the port still carries new connections.
-        let (v, out) = rig.tool_json(
-            &rig.g,
-            &["echo-many", SERVER, "9012", "4", "65536", "20"],
-            Duration::from_secs(30),
-        );
-        rig.check(
-            u(&v, "ok") == 4,
-            format!(
-                "{queues} queue(s): 4 more connections after the bulk ones\n{}",
-                out.describe()
-            ),
+        echo_many_ok(
+            &rig,
+            "9012",
+            4,
+            65536,
+            &format!("{queues} queue(s), after the bulk ones"),
         );
         echo.kill();
     }
