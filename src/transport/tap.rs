@@ -125,7 +125,7 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
 /// first: every new connection comes in there, to the one thread that busy-polls. The queues'
 /// threads are the NAT's workers ([`netstack::nat::Workers`]): a connection that turns out to
 /// carry bulk data moves to the thread with the fewest such, whose queue is attached then
-/// (and detached when the last connection moved there ends). It writes its frames through
+/// (and detached when no connection runs on that thread any more). It writes its frames through
 /// that queue, and the guest's kernel sends the flow's frames where we last wrote it (tun's
 /// flow table), so the connection again stays on one thread and several streams use several
 /// cores. While a second queue is attached the guest's kernel spreads new flows over both by

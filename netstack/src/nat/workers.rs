@@ -12,6 +12,9 @@
 //! other thread's runtime, whose new task resumes it there. The relay then re-registers its
 //! host socket and its timer with that runtime, and writes to the guest from that thread,
 //! which is what steers the guest's frames of the flow to it (a tap queue's flow table).
+//! Every connection task is counted on the worker it runs on ([`Workers::arrived`] and
+//! [`Workers::left`]), so that a worker can tell when none runs there (a tap detaches that
+//! queue).
 
 use std::cell::Cell;
 use std::future::Future;
