@@ -186,9 +186,8 @@ pub fn start(
             notify: Notify::new(),
             port: port.clone(),
             busy: BusyPoll::shared(busy_poll, Arc::clone(&turn), i),
-            attached: std::sync::atomic::AtomicBool::new(i == 0),
+            attached: Flag::new(i == 0),
             attach: Mutex::new(0),
-            attached_notify: Notify::new(),
         }));
         runtimes.push(runtime);
     }
@@ -197,7 +196,7 @@ pub fn start(
     switch.set_fast_path(
         &port,
         Arc::new(move |frame: &Bytes, partial| {
-            let q = queue_of(tap).unwrap_or(0).min(direct.len() - 1);
+            let q = queue_of(tap).unwrap_or(0);
             let q = if direct[q].is_attached() { q } else { 0 };
             direct[q].offer(frame, partial)
         }),
@@ -209,7 +208,7 @@ pub fn start(
             egresses: egresses.clone(),
         }) as Arc<dyn Workers>
     });
-    let ended = Arc::new(Ended::default());
+    let ended = Arc::new(Flag::default());
     for (i, (egress, runtime)) in egresses.into_iter().zip(runtimes).enumerate() {
         let thread_port = port.clone();
         let rx = rx.take();
@@ -304,23 +303,40 @@ fn queue_of(tap: usize) -> Option<usize> {
         .and_then(|(t, q)| (t == tap).then_some(q))
 }
 
-/// Set when one queue of a tap device has ended: the others end with it.
+/// A flag that tasks can wait for: one queue of a tap device has ended (the others end with
+/// it), a queue is attached.
 #[derive(Default)]
-struct Ended {
-    done: std::sync::atomic::AtomicBool,
+struct Flag {
+    on: std::sync::atomic::AtomicBool,
     notify: Notify,
 }
 
-impl Ended {
+impl Flag {
+    fn new(on: bool) -> Flag {
+        Flag {
+            on: std::sync::atomic::AtomicBool::new(on),
+            notify: Notify::new(),
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.on.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn set(&self) {
-        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
+    fn clear(&self) {
+        self.on.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Until the flag is set.
     async fn wait(&self) {
         loop {
             let n = self.notify.notified();
-            if self.done.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.is_set() {
                 return;
             }
             n.await;
@@ -339,13 +355,11 @@ struct Egress {
     notify: Notify,
     port: PortTx,
     busy: BusyPoll,
-    /// The queue is attached (queue 0 always is).
-    attached: std::sync::atomic::AtomicBool,
+    /// The queue is attached (queue 0 always is); its reader waits for it.
+    attached: Flag,
     /// Connection tasks running on this queue's thread ([`Workers::arrived`]); the lock
     /// orders attaching and detaching.
     attach: Mutex<usize>,
-    /// Wakes the queue's reader when the queue is attached.
-    attached_notify: Notify,
 }
 
 #[derive(Default)]
@@ -357,7 +371,7 @@ struct EgressState {
 
 impl Egress {
     fn is_attached(&self) -> bool {
-        self.attached.load(std::sync::atomic::Ordering::Acquire)
+        self.attached.is_set()
     }
 
     /// A connection task runs on this queue's thread (not queue 0's): attach the queue if it
@@ -368,9 +382,7 @@ impl Egress {
         if !self.is_attached() {
             match set_queue(self.fd.get_ref(), true) {
                 Ok(()) => {
-                    self.attached
-                        .store(true, std::sync::atomic::Ordering::Release);
-                    self.attached_notify.notify_waiters();
+                    self.attached.set();
                     tracing::debug!(port = self.port.id(), "tap queue attached");
                 }
                 Err(e) => tracing::warn!(port = self.port.id(), "attaching a tap queue: {e}"),
@@ -386,24 +398,12 @@ impl Egress {
         *n = n.saturating_sub(1);
         if *n == 0 && self.is_attached() {
             // Marked first: from now on frames leave through queue 0.
-            self.attached
-                .store(false, std::sync::atomic::Ordering::Release);
+            self.attached.clear();
             if let Err(e) = set_queue(self.fd.get_ref(), false) {
                 tracing::warn!(port = self.port.id(), "detaching a tap queue: {e}");
             } else {
                 tracing::debug!(port = self.port.id(), "tap queue detached");
             }
-        }
-    }
-
-    /// Until the queue is attached.
-    async fn wait_attached(&self) {
-        loop {
-            let n = self.attached_notify.notified();
-            if self.is_attached() {
-                return;
-            }
-            n.await;
         }
     }
 
@@ -545,7 +545,7 @@ fn write_frame(fd: RawFd, header: &[u8; VNET_HDR_LEN], hdr: usize, frame: &[u8])
 const LIVENESS: Duration = Duration::from_secs(2);
 
 /// One queue of the port (queue 0 also writes the switch's queued frames, `rx`).
-async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended: &Ended) {
+async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended: &Flag) {
     let (fd, vnet) = (Arc::clone(&egress.fd), egress.vnet);
     let hdr = egress.hdr_len();
     let max = if vnet {
@@ -561,7 +561,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
             let mut buf = BytesMut::with_capacity(4 * 65536);
             loop {
                 // A detached queue is not read (it polls as never readable).
-                egress.wait_attached().await;
+                egress.attached.wait().await;
                 if buf.capacity() - buf.len() < max + 1 {
                     buf.reserve(4 * 65536);
                 }

@@ -433,9 +433,9 @@ impl Conn {
         // the gateway's forwarding port (inbound): `key.dst` either way.
         let ours = endpoint(self.key.dst);
         // Host connections the guest opened get keep-alive probes once they last.
-        let mut keepalive_at = matches!(opening, Opening::Accept(_))
-            .then(|| tokio::time::Instant::now() + HOST_KEEPALIVE_AFTER);
+        // Only connections the guest opened (whose task runs in a [`workers::Hop`]) may move.
         let movable = matches!(opening, Opening::Accept(_));
+        let mut keepalive_at = movable.then(|| tokio::time::Instant::now() + HOST_KEEPALIVE_AFTER);
         match opening {
             Opening::Accept(syn) => {
                 socket.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -461,8 +461,8 @@ impl Conn {
 
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
-                                        // Bytes carried both ways until the connection counts as bulk (only connections the
-                                        // guest opened, whose task runs in a [`workers::Hop`], may move).
+
+        // Bytes carried both ways until the connection counts as bulk.
         let mut carried = 0u64;
         let mut bulk = None;
         // The ACK of the guest's FIN, held back ([`FIN_ACK_DELAY`]): the segment, where the
@@ -497,13 +497,9 @@ impl Conn {
                     }
                 }
             }
-            if fin_ack
-                .as_ref()
-                .is_some_and(|(_, _, at)| tokio::time::Instant::now() >= *at)
-            {
-                if let Some((ack, _, _)) = fin_ack.take() {
-                    dev.send_now(&ack); // nothing else went out since: still current
-                }
+            let now = tokio::time::Instant::now();
+            if let Some((ack, _, _)) = fin_ack.take_if(|(_, _, at)| now >= *at) {
+                dev.send_now(&ack); // nothing else went out since: still current
             }
             let fin = (!fin_taken && host_read_open)
                 .then(|| dev.held_back_fin())
@@ -512,13 +508,7 @@ impl Conn {
             iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
             dev.hold_ack = false;
             if let Some(fin) = fin {
-                let taken = matches!(
-                    sockets.get::<tcp::Socket>(handle).state(),
-                    tcp::State::CloseWait
-                        | tcp::State::LastAck
-                        | tcp::State::Closing
-                        | tcp::State::TimeWait
-                );
+                let taken = fin_received(sockets.get::<tcp::Socket>(handle).state());
                 if let Some(ack) = dev.held.take() {
                     match fin_end(&fin) {
                         Some(end) if taken => {
@@ -532,12 +522,8 @@ impl Conn {
                 fin_taken = taken;
             }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
-            if fin_ack
-                .as_ref()
-                .is_some_and(|(_, end, _)| acked_through(Some(*end), dev.acked))
-            {
-                fin_ack = None; // a segment since has carried the ACK
-            }
+            // A segment since has carried the ACK.
+            fin_ack.take_if(|(_, end, _)| acked_through(Some(*end), dev.acked));
             if !established && sock.state() == tcp::State::Established {
                 established = true;
                 sock.set_timeout(Some(GUEST_TIMEOUT.into()));
@@ -566,13 +552,7 @@ impl Conn {
             }
             let sock = sockets.get_mut::<tcp::Socket>(handle);
             // The guest sent FIN (not RST: a reset is carried as a reset, below).
-            guest_fin |= matches!(
-                sock.state(),
-                tcp::State::CloseWait
-                    | tcp::State::LastAck
-                    | tcp::State::Closing
-                    | tcp::State::TimeWait
-            );
+            guest_fin |= fin_received(sock.state());
             if host_write_open && guest_fin && sock.recv_queue() == 0 {
                 // The guest sent FIN and everything before it is written: half-close the host side.
                 let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
@@ -674,6 +654,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// The guest's FIN has been taken in order: the socket is in a state only it leads to.
+fn fin_received(state: tcp::State) -> bool {
+    matches!(
+        state,
+        tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+    )
 }
 
 /// The smoltcp interface of one connection: IP medium, any-IP, on the subnet.
@@ -1043,17 +1031,7 @@ impl<'a> GuestLink<'a> {
 
     /// Send a segment built earlier (a held-back ACK) as it is.
     fn send_now(&mut self, packet: &[u8]) {
-        let copy = |b: &mut [u8]| b.copy_from_slice(packet);
-        if self.large {
-            self.shared
-                .uplink
-                .send_partial_with(self.mac, packet.len(), copy);
-        } else {
-            self.shared.uplink.send_with(self.mac, packet.len(), copy);
-        }
-        if let Some(ack) = segment_ack(packet) {
-            self.acked = Some(ack);
-        }
+        send_built(self.shared, self.mac, self.large, &mut self.acked, packet);
     }
 
     /// The guest's FIN among the segments to take, if its ACK may be held back: everything
@@ -1150,6 +1128,26 @@ fn segment_ack(packet: &[u8]) -> Option<u32> {
         return None;
     }
     Some(u32::from_be_bytes(tcp.get(8..12)?.try_into().ok()?))
+}
+
+/// Send a TCP segment already built (the IPv4 packet) to the guest at `mac`, its checksum left
+/// `partial` or not as it was built, and note its acknowledgement in `acked`.
+fn send_built(
+    shared: &Shared,
+    mac: MacAddr,
+    partial: bool,
+    acked: &mut Option<u32>,
+    packet: &[u8],
+) {
+    let copy = |b: &mut [u8]| b.copy_from_slice(packet);
+    if partial {
+        shared.uplink.send_partial_with(mac, packet.len(), copy);
+    } else {
+        shared.uplink.send_with(mac, packet.len(), copy);
+    }
+    if let Some(ack) = segment_ack(packet) {
+        *acked = Some(ack);
+    }
 }
 
 /// The sequence number just past the FIN of the TCP segment in IPv4 `packet`, if it has one.
@@ -1273,16 +1271,8 @@ impl phy::TxToken for TxToken<'_> {
             let result = f(&mut segment);
             if pure_ack(&segment) {
                 *held = Some(segment);
-                return result;
-            }
-            let copy = |b: &mut [u8]| b.copy_from_slice(&segment);
-            if self.partial {
-                self.shared.uplink.send_partial_with(self.mac, len, copy);
             } else {
-                self.shared.uplink.send_with(self.mac, len, copy);
-            }
-            if let Some(ack) = segment_ack(&segment) {
-                *self.acked = Some(ack);
+                send_built(self.shared, self.mac, self.partial, self.acked, &segment);
             }
             return result;
         }
