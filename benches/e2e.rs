@@ -920,6 +920,10 @@ mod harness {
         idle: usize,
         /// Extra arguments for usernet (`E2E_USERNET_ARGS`, split at whitespace).
         usernet_args: Vec<String>,
+        /// `E2E_PIN=STACK/CLIENT/SERVER`: the CPUs (`taskset -c` lists) of the stack, of the
+        /// guest's clients and of the servers, the same for every stack and the reference;
+        /// None: the scheduler places them.
+        pin: Option<[String; 3]>,
         /// Measure the no-stack reference (`E2E_SKIP_REFERENCE=1` to leave it out).
         reference: bool,
         /// `E2E_ONLY`: the metrics to measure, as key prefixes (`conn_rate`, `rr_`, `tcp_h2g`);
@@ -952,6 +956,31 @@ mod harness {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect()
+    }
+
+    /// `STACK/CLIENT/SERVER` CPU lists (empty: none).
+    fn pin(v: &str) -> Option<[String; 3]> {
+        if v.is_empty() {
+            return None;
+        }
+        let parts: Vec<&str> = v.split('/').map(str::trim).collect();
+        match parts[..] {
+            [s, c, v] if [s, c, v].iter().all(|p| {
+                !p.is_empty() && p.chars().all(|ch| ch.is_ascii_digit() || ",-".contains(ch))
+            }) =>
+            {
+                Some([s.into(), c.into(), v.into()])
+            }
+            _ => panic!("E2E_PIN: STACK/CLIENT/SERVER CPU lists, e.g. 0/0/1; got {v:?}"),
+        }
+    }
+
+    /// Who runs a command, for `E2E_PIN`.
+    #[derive(Clone, Copy)]
+    enum Part {
+        Stack,
+        Client,
+        Server,
     }
 
     fn nums(v: &str, what: &str) -> Vec<u32> {
@@ -992,6 +1021,7 @@ mod harness {
                 idle: env_or("E2E_IDLE", "10000").parse().expect("E2E_IDLE"),
                 reference: env_or("E2E_SKIP_REFERENCE", "0") != "1",
                 only: list(&env_or("E2E_ONLY", "")),
+                pin: pin(&env_or("E2E_PIN", "")),
                 usernet_args: env_or("E2E_USERNET_ARGS", "")
                     .split_whitespace()
                     .map(String::from)
@@ -1030,8 +1060,24 @@ mod harness {
         }
 
         fn child(&self, ns: &ns::Netns, role: &str, args: &[String]) -> Command {
-            let mut c = ns.exec(&self.exe);
+            let part = if role.ends_with("-server") || role == "vm-serve" {
+                Part::Server
+            } else {
+                Part::Client
+            };
+            let mut c = self.exec(ns, part, &self.exe);
             c.arg(CHILD).arg(role).args(args);
+            c
+        }
+
+        /// `prog` in `ns`, on the CPUs `E2E_PIN` gives its part.
+        fn exec(&self, ns: &ns::Netns, part: Part, prog: impl AsRef<OsStr>) -> Command {
+            let Some(pin) = &self.pin else {
+                return ns.exec(prog);
+            };
+            // taskset execs prog in place, as `ip netns exec` does: the pid stays prog's.
+            let mut c = ns.exec("taskset");
+            c.args(["-c", &pin[part as usize]]).arg(prog);
             c
         }
     }
@@ -1142,21 +1188,21 @@ mod harness {
         let m = mtu.to_string();
         let mut bg = match stack {
             Stack::Usernet => {
-                let mut c = rig.stack.exec(usernet());
+                let mut c = cfg.exec(&rig.stack, Part::Stack, usernet());
                 c.args(["--tap-netns", &g.path(), "--mtu", &m]);
                 c.args(cfg.usernet_args.iter());
                 c.env("RUST_LOG", "info");
                 Bg::spawn(c, &log)?
             }
             Stack::Slirp4netns => {
-                let mut c = rig.stack.exec("slirp4netns");
+                let mut c = cfg.exec(&rig.stack, Part::Stack, "slirp4netns");
                 c.args(["--configure", &format!("--mtu={m}"), "--disable-dns"]);
                 c.args(["--netns-type=path", &g.path(), "tap0"]);
                 Bg::spawn(c, &log)?
             }
             Stack::Pasta => {
                 // Old pasta can hang: a hard timeout as well as the bench's own kill.
-                let mut c = rig.stack.exec("timeout");
+                let mut c = cfg.exec(&rig.stack, Part::Stack, "timeout");
                 c.args(["-k", "5", "300", "pasta", "--runas", "0", "-f", "-q", "-4"]);
                 c.args(["--netns", &g.path(), "-I", "tap0", "--config-net", "-m", &m]);
                 c.args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"]);
@@ -1337,7 +1383,7 @@ mod harness {
             return Metric::err(key, e);
         }
         let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let mut sc = ctx.rig.stack.exec("iperf3");
+        let mut sc = ctx.cfg.exec(&ctx.rig.stack, Part::Server, "iperf3");
         sc.args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()]);
         let mut server = match Bg::spawn(sc, &ctx.log) {
             Ok(s) => s,
@@ -1350,7 +1396,7 @@ mod harness {
                 format!("iperf3 server did not listen: {}", server.tail()),
             );
         }
-        let mut c = ctx.rig.guest.exec("iperf3");
+        let mut c = ctx.cfg.exec(&ctx.rig.guest, Part::Client, "iperf3");
         c.args([
             "-c",
             ctx.host,
@@ -2331,9 +2377,10 @@ poweroff -f
         let (table, ratios) = report(&cfg, &rows, &vms);
         let load_end = loadavg();
         println!(
-            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
             if uncommitted.is_empty() { String::new() } else { format!(" (uncommitted: {})", uncommitted.join(", ")) },
             if cfg.usernet_args.is_empty() { String::new() } else { format!(", usernet args {}", cfg.usernet_args.join(" ")) },
+            match &cfg.pin { None => String::new(), Some([s, c, v]) => format!(", pinned: stack on CPU {s}, clients {c}, servers {v}") },
             cfg.elapsed()
         );
         println!("{table}");
@@ -2356,6 +2403,7 @@ poweroff -f
             "seconds": cfg.elapsed(),
             "seconds_per_run": cfg.secs,
             "idle_connections": cfg.idle,
+            "pin": cfg.pin.as_ref().map(|[s, c, v]| json!({ "stack": s, "clients": c, "servers": v })),
             "versions": versions,
             "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
             "vm": vms.iter().map(Row::json).collect::<Vec<_>>(),
