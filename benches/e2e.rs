@@ -965,9 +965,10 @@ mod harness {
         }
         let parts: Vec<&str> = v.split('/').map(str::trim).collect();
         match parts[..] {
-            [s, c, v] if [s, c, v].iter().all(|p| {
-                !p.is_empty() && p.chars().all(|ch| ch.is_ascii_digit() || ",-".contains(ch))
-            }) =>
+            [s, c, v]
+                if [s, c, v].iter().all(|p| {
+                    !p.is_empty() && p.chars().all(|ch| ch.is_ascii_digit() || ",-".contains(ch))
+                }) =>
             {
                 Some([s.into(), c.into(), v.into()])
             }
