@@ -1031,6 +1031,27 @@ fn connections_end_with_their_tap_and_give_back_their_counts() {
         rig.daemon.try_stats().is_ok(),
         "the daemon keeps running without its tap",
     );
+    // Nothing holds the device's queues (two by default) any more: no tun fd stays open.
+    let pid = rig.daemon.pid().expect("daemon pid");
+    let tun_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_link(e.path())
+                            .is_ok_and(|l| l == std::path::Path::new("/dev/net/tun"))
+                    })
+                    .count()
+            })
+            .unwrap_or(usize::MAX)
+    };
+    rig.check(
+        poll_until(Duration::from_secs(10), || tun_fds() == 0),
+        format!(
+            "the daemon closes every queue of the tap once it is gone: {} tun fds open",
+            tun_fds()
+        ),
+    );
     held.kill();
     pending.kill();
     echo.kill();

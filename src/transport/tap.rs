@@ -201,15 +201,27 @@ pub fn start(
             direct[q].offer(frame, partial)
         }),
     );
+    // Each queue's thread owns its worker; the NAT's [`Queues`] only refer to them.
+    let owned: Vec<Arc<Worker>> = egresses
+        .iter()
+        .zip(&runtimes)
+        .map(|(egress, runtime)| {
+            Arc::new(Worker {
+                egress: Arc::clone(egress),
+                handle: runtime.handle().clone(),
+            })
+        })
+        .collect();
     let workers: Option<Arc<dyn Workers>> = (egresses.len() > 1).then(|| {
         Arc::new(Queues {
             tap,
-            handles: runtimes.iter().map(|r| r.handle().clone()).collect(),
-            egresses: egresses.clone(),
+            workers: owned.iter().map(Arc::downgrade).collect(),
         }) as Arc<dyn Workers>
     });
     let ended = Arc::new(Flag::default());
-    for (i, (egress, runtime)) in egresses.into_iter().zip(runtimes).enumerate() {
+    for (i, ((egress, runtime), worker)) in
+        egresses.into_iter().zip(runtimes).zip(owned).enumerate()
+    {
         let thread_port = port.clone();
         let rx = rx.take();
         let ended = Arc::clone(&ended);
@@ -220,7 +232,8 @@ pub fn start(
         };
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
             QUEUE.with(|q| q.set(Some((tap, i))));
-            runtime.block_on(serve(egress, thread_port, rx, &ended))
+            runtime.block_on(serve(egress, thread_port, rx, &ended));
+            drop(worker);
         });
         if let Err(e) = spawned {
             port.detach();
@@ -247,39 +260,50 @@ fn set_queue(fd: &impl AsRawFd, attach: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// One queue's thread as a worker: its queue and its runtime. Owned by the thread, so that
+/// they go (the device's fds with them) when the port ends, though the NAT keeps its
+/// [`Queues`] for good.
+struct Worker {
+    egress: Arc<Egress>,
+    handle: tokio::runtime::Handle,
+}
+
 /// The queues' threads as the NAT's workers.
 struct Queues {
     /// This device's number in the threads' [`QUEUE`].
     tap: usize,
-    handles: Vec<tokio::runtime::Handle>,
-    egresses: Vec<Arc<Egress>>,
+    workers: Vec<std::sync::Weak<Worker>>,
 }
 
 impl Workers for Queues {
     fn count(&self) -> usize {
-        self.handles.len()
+        self.workers.len()
     }
 
     fn current(&self) -> Option<usize> {
         queue_of(self.tap)
     }
 
+    /// A task handed to the thread of a port that has ended is dropped (its connection
+    /// with it: the guest is gone).
     fn spawn(&self, to: usize, task: Task) {
-        self.handles[to].spawn(task);
+        if let Some(w) = self.workers[to].upgrade() {
+            w.handle.spawn(task);
+        }
     }
 
     /// A queue past the first is attached while connection tasks run on its thread (failing
     /// that, they run there all the same and write through queue 0, as any thread of a
     /// detached queue does), and detached when the last has ended or moved away.
     fn arrived(&self, worker: usize) {
-        if worker > 0 {
-            self.egresses[worker].arrived();
+        if let Some(w) = self.workers[worker].upgrade().filter(|_| worker > 0) {
+            w.egress.arrived();
         }
     }
 
     fn left(&self, worker: usize) {
-        if worker > 0 {
-            self.egresses[worker].left();
+        if let Some(w) = self.workers[worker].upgrade().filter(|_| worker > 0) {
+            w.egress.left();
         }
     }
 }
