@@ -485,7 +485,16 @@ impl Conn {
                         // host socket and the timer move to that thread's runtime, and
                         // what goes to the guest from now on leaves from there.
                         workers::yield_once().await;
-                        stream = stream.rehome()?;
+                        stream = match stream.rehome() {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // No host socket any more (its registration failed): reset
+                                // the guest rather than leave it retransmitting.
+                                sockets.get_mut::<tcp::Socket>(handle).abort();
+                                iface.poll(smoltcp::time::Instant::now(), &mut dev, &mut sockets);
+                                return Err(e);
+                            }
+                        };
                         let at = sleep.deadline();
                         sleep.set(tokio::time::sleep_until(at));
                         FlowCounters::inc(&c.moved);
