@@ -539,3 +539,49 @@ async fn routed_errors_through_a_router() {
     let s = h.nat.stats();
     assert!(s.icmp.errors_to_guest >= 2, "{s:?}");
 }
+
+/// A UDP forward listening on IPv6 takes datagrams no IPv4 packet carries (65508-65527
+/// bytes): each is dropped and counted, and the forward goes on (it used to panic building
+/// the IPv4 header, which ended the forward's task).
+#[tokio::test]
+async fn forward_drops_datagrams_too_long_for_ipv4_and_goes_on() {
+    let mut h = Harness::new();
+    h.nat.learn_neighbor(GUEST, GUEST_MAC);
+    let Ok(sock) = UdpSocket::bind("[::1]:0").await else {
+        eprintln!("SKIPPED: no IPv6 loopback");
+        return;
+    };
+    let addr = sock.local_addr().unwrap();
+    let nat = h.nat.clone();
+    let forward =
+        tokio::spawn(async move { nat.forward_udp(sock, SocketAddrV4::new(GUEST, 9)).await });
+    let client = UdpSocket::bind("[::1]:0").await.unwrap();
+    let delivered = |p: &[u8]| {
+        UdpPacket::new_checked(&Ipv4Packet::new_checked(p).unwrap().payload()[..])
+            .unwrap()
+            .payload()
+            .len()
+    };
+    client.send_to(&[1u8; 100], addr).await.unwrap();
+    let p = h.expect_ip().await;
+    assert_eq!(delivered(&p), 100);
+    for n in [65508usize, 65527] {
+        client.send_to(&vec![7u8; n], addr).await.unwrap();
+    }
+    h.wait_stats("two datagrams dropped at the limit", |s| {
+        s.udp.drop_limit >= 2
+    })
+    .await;
+    client.send_to(&[2u8; 200], addr).await.unwrap();
+    let p = h.expect_ip().await;
+    assert_eq!(delivered(&p), 200, "the forward carries on after them");
+    assert!(
+        !forward.is_finished(),
+        "the forward's task is still running"
+    );
+    // The largest IPv4 datagram still goes through (in fragments).
+    client.send_to(&vec![3u8; 65507], addr).await.unwrap();
+    let p = h.expect_ip().await;
+    assert_eq!(delivered(&p), 65507);
+    forward.abort();
+}

@@ -49,6 +49,11 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: UdpSocket, guest: Soc
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { break };
+                if n > super::udp::MAX_DATAGRAM {
+                    // Legal over IPv6 (a forward may listen there), too long for IPv4.
+                    FlowCounters::inc(&c.drop_limit);
+                    continue;
+                }
                 let Some(mac) = shared.neighbor(*guest.ip()) else {
                     FlowCounters::inc(&c.drop_send_failed);
                     continue;

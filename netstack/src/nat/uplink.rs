@@ -165,6 +165,9 @@ impl Uplink {
         dst: SocketAddrV4,
         payload: &[u8],
     ) {
+        if payload.len() > super::udp::MAX_DATAGRAM {
+            return; // no IPv4 datagram carries it (callers count it)
+        }
         let len = IPV4_HEADER_LEN + UDP_HEADER_LEN + payload.len();
         if len <= self.mtu {
             self.send_with(dst_mac, len, |b| {
