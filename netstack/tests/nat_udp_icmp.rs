@@ -557,7 +557,7 @@ async fn forward_drops_datagrams_too_long_for_ipv4_and_goes_on() {
         tokio::spawn(async move { nat.forward_udp(sock, SocketAddrV4::new(GUEST, 9)).await });
     let client = UdpSocket::bind("[::1]:0").await.unwrap();
     let delivered = |p: &[u8]| {
-        UdpPacket::new_checked(&Ipv4Packet::new_checked(p).unwrap().payload()[..])
+        UdpPacket::new_checked(Ipv4Packet::new_checked(p).unwrap().payload())
             .unwrap()
             .payload()
             .len()
