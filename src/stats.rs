@@ -27,6 +27,7 @@ pub async fn collect(switch: &Switch, gw: &GatewayProbe) -> Value {
             "large_frames_cut": g(&c.large_frames_cut),
             "drop_unknown_unicast": g(&c.drop_unknown_unicast),
             "drop_bad_source": g(&c.drop_bad_source),
+            "macs_not_learned": g(&c.macs_not_learned),
             "drop_queue_full": g(&c.drop_queue_full),
             "drop_framing": g(&c.drop_framing),
             "ports_attached": g(&c.ports_attached),

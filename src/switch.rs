@@ -60,6 +60,8 @@ pub struct SwitchCounters {
     pub drop_unknown_unicast: AtomicU64,
     /// Frames from a multicast/broadcast source MAC.
     pub drop_bad_source: AtomicU64,
+    /// Source MACs not learned: the table was full ([`MAX_MACS`], [`MAX_MACS_PER_PORT`]).
+    pub macs_not_learned: AtomicU64,
     /// Frames lost because the destination port's queue was full.
     pub drop_queue_full: AtomicU64,
     /// Framing errors reported by transports (bad length prefix, bad datagram).
@@ -95,11 +97,65 @@ pub type FastPath = Arc<dyn Fn(&Bytes, Option<Partial>) -> bool + Send + Sync>;
 /// Ethernet header.
 pub const LARGE_FRAME: usize = 65535 + 14;
 
+/// The most MACs the switch learns, and the most behind one port: a guest sending from
+/// ever new source MACs must not grow the table without end, nor crowd out the others.
+pub const MAX_MACS: usize = 4096;
+pub const MAX_MACS_PER_PORT: usize = 1024;
+
 #[derive(Default)]
 struct State {
     ports: HashMap<PortId, Port>,
     macs: HashMap<MacAddr, (PortId, Instant)>,
+    /// How many of `macs` each port has.
+    per_port: HashMap<PortId, usize>,
+    /// When a full table was last swept of aged entries (at most once per second).
+    swept: Option<Instant>,
     next_id: PortId,
+}
+
+impl State {
+    /// `mac` lives on `port` (seen at `seen`); false when the table is full, aged entries
+    /// swept out.
+    fn learn(&mut self, mac: MacAddr, port: PortId, seen: Instant, now: Instant) -> bool {
+        let full = |st: &State| {
+            let own = st.per_port.get(&port).copied().unwrap_or(0);
+            st.macs.len() >= MAX_MACS || own >= MAX_MACS_PER_PORT
+        };
+        if !self.macs.contains_key(&mac) && full(self) {
+            if self
+                .swept
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.swept = Some(now);
+                self.macs
+                    .retain(|_, (_, seen)| *seen > now || now.duration_since(*seen) < MAC_AGING);
+                self.per_port.clear();
+                for (p, _) in self.macs.values() {
+                    *self.per_port.entry(*p).or_default() += 1;
+                }
+            }
+            if full(self) {
+                return false;
+            }
+        }
+        if let Some((old, _)) = self.macs.insert(mac, (port, seen)) {
+            self.uncount(old);
+        }
+        *self.per_port.entry(port).or_default() += 1;
+        true
+    }
+
+    fn forget(&mut self, mac: &MacAddr) {
+        if let Some((port, _)) = self.macs.remove(mac) {
+            self.uncount(port);
+        }
+    }
+
+    fn uncount(&mut self, port: PortId) {
+        if let Some(n) = self.per_port.get_mut(&port) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// The switch. Share it as `Arc<Switch>`.
@@ -214,14 +270,19 @@ impl Switch {
 
     /// Remember `mac` as living on `port` for good (the gateway's own MAC).
     pub fn pin_mac(&self, port: &PortTx, mac: MacAddr) {
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        self.state.lock().unwrap().macs.insert(mac, (port.id, far));
+        let now = Instant::now();
+        let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut st = self.state.lock().unwrap();
+        if !st.learn(mac, port.id, far, now) {
+            SwitchCounters::bump(&self.counters.macs_not_learned);
+        }
     }
 
     fn detach(&self, id: PortId) {
         let mut st = self.state.lock().unwrap();
         if let Some(port) = st.ports.remove(&id) {
             st.macs.retain(|_, (p, _)| *p != id);
+            st.per_port.remove(&id);
             SwitchCounters::bump(&self.counters.ports_detached);
             tracing::info!(port = id, name = %port.name, "port detached");
         }
@@ -279,7 +340,9 @@ impl Switch {
                 return;
             }
             _ => {
-                st.macs.insert(src, (from, now));
+                if !st.learn(src, from, now, now) {
+                    SwitchCounters::bump(&c.macs_not_learned);
+                }
             }
         }
         if dst[0] & 1 == 1 {
@@ -319,7 +382,7 @@ impl Switch {
             }
             Some(_) => {} // to itself: a switch drops it
             None => {
-                st.macs.remove(&dst);
+                st.forget(&dst);
                 SwitchCounters::bump(&c.drop_unknown_unicast);
             }
         }
@@ -445,6 +508,44 @@ mod tests {
         );
         pa.send(frame([0x33, 0x33, 0, 0, 0, 1], A)); // multicast floods too
         assert_eq!(drain(&mut rb).len(), 1);
+    }
+
+    #[test]
+    fn a_port_sending_from_ever_new_macs_fills_only_its_share() {
+        let sw = Switch::new(1500);
+        let (pa, _ra) = sw.attach("a");
+        let (pb, mut rb) = sw.attach("b");
+        let (pc, mut rc) = sw.attach("c");
+        let t0 = Instant::now();
+        let mac = |i: usize| [0x52, 0x54, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        // Port a floods from 100,000 source MACs (unicast to nobody: dropped).
+        for i in 0..100_000 {
+            sw.forward_at(pa.id(), false, frame(C, mac(i)), None, t0);
+        }
+        let learned = sw.state.lock().unwrap().macs.len();
+        assert_eq!(learned, MAX_MACS_PER_PORT, "port a's share of the table");
+        let c = sw.counters();
+        assert_eq!(
+            c.macs_not_learned.load(Ordering::Relaxed),
+            (100_000 - MAX_MACS_PER_PORT) as u64
+        );
+        // The others are still learned and reached.
+        sw.forward_at(pb.id(), false, frame([0xff; 6], B), None, t0);
+        sw.forward_at(pc.id(), false, frame(B, A), None, t0);
+        assert_eq!(
+            drain(&mut rb).len(),
+            1,
+            "b, learned after the flood, is reached"
+        );
+        drain(&mut rc);
+        sw.forward_at(pb.id(), false, frame(A, B), None, t0);
+        assert_eq!(drain(&mut rc).len(), 1, "so is c");
+        // Aged out, port a's MACs make room again (a sweep at most once a second).
+        let later = t0 + MAC_AGING + Duration::from_secs(1);
+        sw.forward_at(pa.id(), false, frame(C, mac(200_000)), None, later);
+        let st = sw.state.lock().unwrap();
+        assert!(st.macs.contains_key(&mac(200_000)) && st.macs.len() <= 3);
+        assert_eq!(st.per_port.get(&pa.id()), Some(&1));
     }
 
     #[test]
