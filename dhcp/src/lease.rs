@@ -58,9 +58,15 @@ pub(crate) struct LeaseTable {
     bound: BTreeMap<Ipv4Addr, Binding>,
     by_mac: HashMap<MacAddr, Ipv4Addr>,
     offers: HashMap<MacAddr, Offer>,
+    /// The same offers by address.
+    offered: HashMap<Ipv4Addr, MacAddr>,
     declined: HashMap<Ipv4Addr, u64>,
     last: HashMap<MacAddr, Ipv4Addr>,
 }
+
+/// The most offers held at once: a flood of DISCOVERs from ever new MACs gets no more (the
+/// pool counts as exhausted for a MAC without an offer or a binding until some expire).
+pub(crate) const MAX_OFFERS: usize = 1024;
 
 impl LeaseTable {
     /// `config` must already be validated.
@@ -82,6 +88,7 @@ impl LeaseTable {
             bound: BTreeMap::new(),
             by_mac: HashMap::new(),
             offers: HashMap::new(),
+            offered: HashMap::new(),
             declined: HashMap::new(),
             last: HashMap::new(),
         }
@@ -112,7 +119,14 @@ impl LeaseTable {
 
     /// Forget offers and declines whose time is up.
     pub(crate) fn expire(&mut self, now: u64) {
-        self.offers.retain(|_, o| o.until > now);
+        let offered = &mut self.offered;
+        self.offers.retain(|mac, o| {
+            let keep = o.until > now;
+            if !keep && offered.get(&o.ip) == Some(mac) {
+                offered.remove(&o.ip);
+            }
+            keep
+        });
         self.declined.retain(|_, until| *until > now);
     }
 
@@ -148,7 +162,7 @@ impl LeaseTable {
             && !self.excluded.contains(&ip)
             && !self.declined.contains_key(&ip)
             && self.bound.get(&ip).is_none_or(|b| b.mac == mac)
-            && !self.offers.iter().any(|(m, o)| *m != mac && o.ip == ip)
+            && self.offered.get(&ip).is_none_or(|m| *m == mac)
     }
 
     /// Pick the address to offer `mac` (RFC 2131 4.3.1), reclaiming the
@@ -175,6 +189,9 @@ impl LeaseTable {
         {
             return Some(ip);
         }
+        if self.offers.len() >= MAX_OFFERS && !self.offers.contains_key(&mac) {
+            return None;
+        }
         if let Some(ip) = (self.pool.0..=self.pool.1)
             .map(Ipv4Addr::from)
             .find(|&ip| self.is_free_for(ip, mac))
@@ -189,7 +206,7 @@ impl LeaseTable {
                 b.expires <= now
                     && !self.static_by_ip.contains_key(ip)
                     && !self.declined.contains_key(ip)
-                    && !self.offers.values().any(|o| o.ip == **ip)
+                    && !self.offered.contains_key(ip)
             })
             .min_by_key(|(_, b)| b.expires)
             .map(|(ip, _)| *ip)?;
@@ -205,6 +222,7 @@ impl LeaseTable {
 
     /// Reserve `ip` for `mac` for a short while (between OFFER and REQUEST).
     pub(crate) fn hold_offer(&mut self, mac: MacAddr, ip: Ipv4Addr, now: u64) {
+        self.cancel_offer(mac);
         self.offers.insert(
             mac,
             Offer {
@@ -212,10 +230,15 @@ impl LeaseTable {
                 until: now.saturating_add(OFFER_HOLD_SECS),
             },
         );
+        self.offered.insert(ip, mac);
     }
 
     pub(crate) fn cancel_offer(&mut self, mac: MacAddr) {
-        self.offers.remove(&mac);
+        if let Some(o) = self.offers.remove(&mac) {
+            if self.offered.get(&o.ip) == Some(&mac) {
+                self.offered.remove(&o.ip);
+            }
+        }
     }
 
     /// Bind `ip` to `mac` until `expires`, replacing any other binding of `mac`.
@@ -227,7 +250,7 @@ impl LeaseTable {
         expires: u64,
         hostname: Option<String>,
     ) {
-        self.offers.remove(&mac);
+        self.cancel_offer(mac);
         let mut hostname = hostname;
         if let Some(old_ip) = self.by_mac.get(&mac).copied() {
             if let Some(old) = self.remove(old_ip) {
@@ -265,7 +288,7 @@ impl LeaseTable {
         if self.binding_of(mac) == Some(ip) {
             self.remove(ip);
         }
-        self.offers.remove(&mac);
+        self.cancel_offer(mac);
         if self.last.get(&mac) == Some(&ip) {
             self.last.remove(&mac);
         }

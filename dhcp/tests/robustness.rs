@@ -240,3 +240,57 @@ fn unknown_and_garbage_options_are_skipped() {
     let r = s.handle(&p, t(0)).unwrap().unwrap();
     assert_eq!(msg_type(&r), MessageType::Offer);
 }
+
+/// A flood of DISCOVERs from ever new MACs on a large pool: offers stop at the limit (the
+/// rest count as exhausted), every offer is a different address, a known client still gets
+/// its address, and once the offers expire new clients are served again.
+#[test]
+fn discover_flood_from_new_macs_is_capped() {
+    let mut cfg = config();
+    cfg.subnet = "10.0.0.0/16".parse().unwrap();
+    cfg.server_ip = "10.0.0.2".parse().unwrap();
+    cfg.router = cfg.server_ip;
+    cfg.dns_servers = vec!["10.0.0.3".parse().unwrap()];
+    cfg.reserved = cfg.dns_servers.clone();
+    cfg.pool_start = "10.0.0.15".parse().unwrap();
+    cfg.pool_end = "10.0.255.254".parse().unwrap();
+    let mut s = dhcp::Server::new(cfg, vec![]).unwrap();
+    let known = Client::new(200);
+    let server: std::net::Ipv4Addr = "10.0.0.2".parse().unwrap();
+    let offer = s.handle(&known.discover(None), t(0)).unwrap().unwrap();
+    let bound = decode(&offer).yiaddr();
+    let ack = s
+        .handle(&known.select(server, bound), t(0))
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg_type(&ack), MessageType::Ack);
+    let flooder = |i: u32| {
+        let mut c = Client::new(1);
+        c.mac = dhcp::MacAddr([0x52, 0x56, (i >> 16) as u8, (i >> 8) as u8, i as u8, 7]);
+        c
+    };
+    let mut offered = std::collections::HashSet::new();
+    for i in 0..3000 {
+        if let Ok(Some(r)) = s.handle(&flooder(i).discover(None), t(1)) {
+            assert!(
+                offered.insert(decode(&r).yiaddr()),
+                "an address offered twice"
+            );
+        }
+    }
+    assert_eq!(offered.len(), 1024, "offers held at once");
+    assert!(
+        !offered.contains(&bound),
+        "the bound address is not offered to others"
+    );
+    assert_eq!(s.counters().exhausted, 3000 - 1024);
+    // The known client renews its binding and rediscovers its address all the same.
+    let r = s.handle(&known.discover(None), t(2)).unwrap().unwrap();
+    assert_eq!(decode(&r).yiaddr(), bound);
+    // The offers expire: a new client gets one again.
+    let r = s
+        .handle(&flooder(5000).discover(None), t(100))
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg_type(&r), MessageType::Offer);
+}
