@@ -293,11 +293,17 @@ async fn run(
 impl Task {
     /// Answer a query to the DNS address on a task of its own: a slow lookup delays nothing.
     fn serve_dns(&self, d: UdpDatagram) {
-        let Some(dns) = self.dns.clone() else { return };
+        let Some(dns) = &self.dns else { return };
+        // Beyond the in-flight limit the query is dropped (and counted): a guest's flood of
+        // queries holds no more tasks.
+        let Some(answer) = dns.try_answer_udp(d.payload, MAX_UDP) else {
+            return;
+        };
         let nat = self.nat.clone();
+        let (mac, from, to) = (d.src_mac, d.dst, d.src);
         tokio::spawn(async move {
-            if let Some(answer) = dns.answer_udp(&d.payload, MAX_UDP).await {
-                nat.send_udp(d.src_mac, d.dst, d.src, &answer);
+            if let Some(answer) = answer.await {
+                nat.send_udp(mac, from, to, &answer);
             }
         });
     }

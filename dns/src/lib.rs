@@ -140,6 +140,26 @@ impl DnsServer {
         self.inner.answer_udp(query, max_udp).await
     }
 
+    /// [`DnsServer::answer_udp`] as a task of its own, for a caller that takes queries from
+    /// a guest: `None` (the query dropped and counted) when 4096 UDP queries are being
+    /// answered already, so that a flood of them holds no more.
+    pub fn try_answer_udp(
+        &self,
+        query: Vec<u8>,
+        max_udp: usize,
+    ) -> Option<impl std::future::Future<Output = Option<Vec<u8>>> + Send + 'static> {
+        let Ok(permit) = self.inner.udp_in_flight.clone().try_acquire_owned() else {
+            stats::bump(&self.inner.stats.queries_udp);
+            stats::bump(&self.inner.stats.dropped);
+            return None;
+        };
+        let inner = self.inner.clone();
+        Some(async move {
+            let _permit = permit;
+            inner.answer_udp(&query, max_udp).await
+        })
+    }
+
     /// Answers one query received over TCP (no truncation below 65535 bytes). `None` = drop.
     pub async fn answer_tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
         self.inner.answer_tcp(query).await

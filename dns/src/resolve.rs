@@ -61,6 +61,8 @@ pub(crate) struct Inner {
     host_resolver: bool,
     timeout: std::time::Duration,
     forwards: Semaphore,
+    /// UDP queries being answered at once ([`crate::serve::MAX_UDP_IN_FLIGHT`]).
+    pub udp_in_flight: std::sync::Arc<Semaphore>,
 }
 
 impl Inner {
@@ -92,6 +94,7 @@ impl Inner {
             host_resolver: config.host_resolver,
             timeout: config.timeout,
             forwards: Semaphore::new(MAX_FORWARDS),
+            udp_in_flight: std::sync::Arc::new(Semaphore::new(crate::serve::MAX_UDP_IN_FLIGHT)),
         })
     }
 

@@ -14,7 +14,7 @@ use crate::stats::bump;
 /// The largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: usize = 65507;
 /// UDP queries being answered at once; beyond this, new ones are dropped (and counted).
-const MAX_UDP_IN_FLIGHT: usize = 4096;
+pub(crate) const MAX_UDP_IN_FLIGHT: usize = 4096;
 /// Queries of one TCP connection being answered at once; beyond this the connection is not
 /// read until one finishes.
 const MAX_TCP_IN_FLIGHT: usize = 64;
@@ -31,7 +31,6 @@ pub(crate) async fn serve_udp(inner: Arc<Inner>, socket: UdpSocket) {
         tracing::debug!("dns: cannot enlarge the UDP receive buffer: {e}");
     }
     let socket = Arc::new(socket);
-    let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -44,7 +43,7 @@ pub(crate) async fn serve_udp(inner: Arc<Inner>, socket: UdpSocket) {
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(permit) = inner.udp_in_flight.clone().try_acquire_owned() else {
             bump(&inner.stats.queries_udp);
             bump(&inner.stats.dropped);
             continue;

@@ -586,3 +586,41 @@ fn counters_serialize() {
         assert_eq!(v.get(k).and_then(|x| x.as_u64()), Some(0), "{k} in {v}");
     }
 }
+
+/// Queries a guest hands over one by one (`try_answer_udp`): at most 4096 are answered at
+/// once; the next is dropped and counted, and one finishing makes room again.
+#[tokio::test]
+async fn guest_queries_in_flight_are_bounded() {
+    let silent = MiniUpstream::silent().await;
+    let l = local(|c| {
+        c.nameservers = vec![silent.addr];
+        c.fallback = vec![];
+    })
+    .await;
+    let q = query("x.test.", RecordType::A, None).to_vec().unwrap();
+    let mut held: Vec<_> = (0..4096)
+        .map(|i| {
+            l.server
+                .try_answer_udp(q.clone(), 1232)
+                .unwrap_or_else(|| panic!("query {i} refused"))
+        })
+        .collect();
+    assert!(l.server.try_answer_udp(q.clone(), 1232).is_none());
+    assert_eq!(l.server.counters().dropped, 1);
+    held.pop();
+    let answer = l
+        .server
+        .try_answer_udp(q.clone(), 1232)
+        .expect("room again");
+    drop(held);
+    // One answered: the static name needs no upstream.
+    let mine = query("myhost.internal.", RecordType::A, None)
+        .to_vec()
+        .unwrap();
+    let a = l.server.try_answer_udp(mine, 1232).unwrap().await.unwrap();
+    assert_eq!(
+        a_addrs(&Message::from_vec(&a).unwrap()),
+        vec![ip("10.9.9.9")]
+    );
+    drop(answer);
+}
