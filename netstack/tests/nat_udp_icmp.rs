@@ -585,3 +585,26 @@ async fn forward_drops_datagrams_too_long_for_ipv4_and_goes_on() {
     assert_eq!(delivered(&p), 65507);
     forward.abort();
 }
+
+/// A guest sending from ever new source addresses outside the subnet does not make the NAT
+/// forget the others (it cleared its whole neighbour table at 4096): a forward still
+/// reaches the guest it knew.
+#[tokio::test]
+async fn sprayed_source_addresses_do_not_wipe_the_neighbours() {
+    let mut h = Harness::new();
+    h.nat.learn_neighbor(GUEST, GUEST_MAC);
+    for i in 0..10_000u32 {
+        let mac = [0x52, 0x56, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        h.nat.learn_neighbor(Ipv4Addr::from(0x0a00_0000 + i), mac);
+    }
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let nat = h.nat.clone();
+    let forward =
+        tokio::spawn(async move { nat.forward_udp(sock, SocketAddrV4::new(GUEST, 9)).await });
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(&[1u8; 100], addr).await.unwrap();
+    let p = h.expect_ip().await;
+    assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().dst_addr(), GUEST);
+    forward.abort();
+}

@@ -28,6 +28,9 @@ pub use uplink::FrameSink;
 use uplink::Uplink;
 pub use workers::{Task, Workers};
 
+/// The most guest addresses the NAT remembers the MACs of.
+const MAX_NEIGHBORS: usize = 4096;
+
 /// How the NAT behaves.
 #[derive(Debug, Clone)]
 pub struct NatConfig {
@@ -359,11 +362,22 @@ impl Shared {
         self.neighbors.lock().unwrap().get(&ip).copied()
     }
 
+    /// Remember that the guest address `ip` lives at `mac`. Only addresses of the subnet
+    /// (what a reply or a forward can reach); when 4096 are known, a new one takes the place
+    /// of one other (a guest spraying source addresses churns one entry at a time, not the
+    /// table).
     fn learn(&self, ip: Ipv4Addr, mac: MacAddr) {
+        let bits = u32::from(self.config.prefix.min(32));
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        if u32::from(ip) & mask != u32::from(self.config.network) & mask {
+            return;
+        }
         let mut n = self.neighbors.lock().unwrap();
         if n.get(&ip) != Some(&mac) {
-            if n.len() >= 4096 {
-                n.clear();
+            if n.len() >= MAX_NEIGHBORS && !n.contains_key(&ip) {
+                if let Some(other) = n.keys().next().copied() {
+                    n.remove(&other);
+                }
             }
             n.insert(ip, mac);
         }
