@@ -125,7 +125,7 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
 /// first: every new connection comes in there, to the one thread that busy-polls. The queues'
 /// threads are the NAT's workers ([`netstack::nat::Workers`]): a connection that turns out to
 /// carry bulk data moves to the thread with the fewest such, whose queue is attached then
-/// (and detached a second after no connection runs on that thread any more). It writes its frames through
+/// (and detached when no connection runs on that thread any more). It writes its frames through
 /// that queue, and the guest's kernel sends the flow's frames where we last wrote it (tun's
 /// flow table), so the connection again stays on one thread and several streams use several
 /// cores. While a second queue is attached the guest's kernel spreads new flows over both by
@@ -188,7 +188,6 @@ pub fn start(
             busy: BusyPoll::shared(busy_poll, Arc::clone(&turn), i),
             attached: Flag::new(i == 0),
             attach: Mutex::new(0),
-            idle: Notify::new(),
         }));
         runtimes.push(runtime);
     }
@@ -295,7 +294,7 @@ impl Workers for Queues {
 
     /// A queue past the first is attached while connection tasks run on its thread (failing
     /// that, they run there all the same and write through queue 0, as any thread of a
-    /// detached queue does), and detached a second after the last has ended or moved away.
+    /// detached queue does), and detached when the last has ended or moved away.
     fn arrived(&self, worker: usize) {
         if let Some(w) = self.workers[worker].upgrade().filter(|_| worker > 0) {
             w.egress.arrived();
@@ -385,15 +384,7 @@ struct Egress {
     /// Connection tasks running on this queue's thread ([`Workers::arrived`]); the lock
     /// orders attaching and detaching.
     attach: Mutex<usize>,
-    /// The last of them has left: detach the queue if it stays so ([`DETACH_AFTER`]).
-    idle: Notify,
 }
-
-/// How long a queue past the first stays attached with no connection task on its thread. A
-/// detach drops what the guest has queued there, and new flows land on every attached queue;
-/// a connection handed to the thread meanwhile (counted a moment after it left the old one),
-/// or one that came in on the queue, keeps it.
-const DETACH_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct EgressState {
@@ -423,32 +414,19 @@ impl Egress {
         }
     }
 
-    /// A connection task has left this queue's thread (ended or moved): after the last,
-    /// [`Egress::detach_when_idle`] detaches the queue.
+    /// A connection task has left this queue's thread (ended or moved): detach the queue
+    /// after the last. (Frames of other flows still unread in it are lost then: UDP's, or
+    /// those of a connection that has just ended.)
     fn left(&self) {
         let mut n = self.attach.lock().unwrap();
         *n = n.saturating_sub(1);
         if *n == 0 && self.is_attached() {
-            self.idle.notify_one();
-        }
-    }
-
-    /// Run by the queue's thread: detach the queue once no connection task has run on the
-    /// thread for [`DETACH_AFTER`]. (Frames still unread in it are lost then: a UDP flow's
-    /// that the guest's kernel sent there, or those of a connection that has just ended.)
-    async fn detach_when_idle(&self) {
-        loop {
-            self.idle.notified().await;
-            tokio::time::sleep(DETACH_AFTER).await;
-            let n = self.attach.lock().unwrap();
-            if *n == 0 && self.is_attached() {
-                // Marked first: from now on frames leave through queue 0.
-                self.attached.clear();
-                if let Err(e) = set_queue(self.fd.get_ref(), false) {
-                    tracing::warn!(port = self.port.id(), "detaching a tap queue: {e}");
-                } else {
-                    tracing::debug!(port = self.port.id(), "tap queue detached");
-                }
+            // Marked first: from now on frames leave through queue 0.
+            self.attached.clear();
+            if let Err(e) = set_queue(self.fd.get_ref(), false) {
+                tracing::warn!(port = self.port.id(), "detaching a tap queue: {e}");
+            } else {
+                tracing::debug!(port = self.port.id(), "tap queue detached");
             }
         }
     }
@@ -671,7 +649,6 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
         e = reader => tracing::info!(port = port.id(), "tap read ended: {e}"),
         e = writer => tracing::info!(port = port.id(), "tap write ended: {e}"),
         () = busy.run() => {}
-        () = egress.detach_when_idle() => {}
         () = ended.wait() => return,
     }
     ended.set();
