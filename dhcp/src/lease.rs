@@ -262,8 +262,15 @@ impl LeaseTable {
             // address; either way the old holder loses it.
             self.last.remove(&other.mac);
         }
-        self.last.insert(mac, ip);
+        self.remember(mac, ip);
         self.insert(ip, mac, expires, hostname);
+    }
+
+    /// `ip` is the address to give `mac` back first, and no other MAC's any more: the map
+    /// holds at most one MAC per address, however many MACs come and go.
+    fn remember(&mut self, mac: MacAddr, ip: Ipv4Addr) {
+        self.last.retain(|m, i| *i != ip || *m == mac);
+        self.last.insert(mac, ip);
     }
 
     /// RELEASE: drop `mac`'s binding of `ip`. The address goes back to the pool
@@ -330,5 +337,47 @@ impl LeaseTable {
             self.by_mac.remove(&b.mac);
         }
         Some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn macs_that_come_and_go_leave_one_preference_per_address() {
+        let ip = |n: u8| Ipv4Addr::new(192, 168, 5, n);
+        let config = Config {
+            server_ip: ip(2),
+            subnet: "192.168.5.0/24".parse().unwrap(),
+            router: ip(2),
+            dns_servers: vec![ip(3)],
+            pool_start: ip(15),
+            pool_end: ip(20),
+            lease_time: Duration::from_secs(3600),
+            mtu: None,
+            search_domains: vec![],
+            static_leases: vec![],
+            reserved: vec![ip(3)],
+        };
+        let mut t = LeaseTable::new(&config);
+        // 10,000 MACs each bind an address and release it (a container with a new MAC at
+        // every start).
+        for i in 0..10_000u32 {
+            let mac = MacAddr([0x52, 0x55, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            let got = t.choose(mac, None, 0).expect("an address");
+            t.bind(mac, got, 3600, None);
+            assert!(t.release(mac, got));
+        }
+        assert!(
+            t.last.len() <= 6,
+            "{} preferences kept for a pool of 6",
+            t.last.len()
+        );
+        // The last MAC still gets its address back first.
+        let mac = MacAddr([0x52, 0x55, 0, 0, 0x27, 0x0f]);
+        let back = t.last[&mac];
+        assert_eq!(t.choose(mac, None, 0), Some(back));
     }
 }
