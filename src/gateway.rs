@@ -164,6 +164,7 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         answer_host_ping: !setup.nat.host_loopback,
         network: plan.subnet.network(),
         prefix: plan.subnet.prefix_len(),
+        mtu: plan.mtu,
     };
     let gateway = Gateway::new(gateway_config.clone());
     let sink_port = port.clone();

@@ -66,6 +66,14 @@ pub(crate) fn write_ipv4(
     emit(packet.payload_mut());
 }
 
+/// Let `packet` (an IPv4 packet of ours) be fragmented: DF cleared, an ident of its own.
+pub(crate) fn allow_fragments(packet: &mut [u8]) {
+    let mut p = Ipv4Packet::new_unchecked(packet);
+    p.set_dont_frag(false);
+    p.set_ident(NEXT_IDENT.fetch_add(1, Ordering::Relaxed));
+    p.fill_checksum();
+}
+
 /// Write the Ethernet header at the start of `buf`.
 pub(crate) fn write_ethernet(buf: &mut [u8], src: MacAddr, dst: MacAddr) {
     let eth = EthernetRepr {

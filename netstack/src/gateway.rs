@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub network: Ipv4Addr,
     /// The subnet's prefix length.
     pub prefix: u8,
+    /// The link MTU: an answer longer goes out in fragments.
+    pub mtu: u16,
 }
 
 impl GatewayConfig {
@@ -426,6 +428,28 @@ impl Gateway {
         }));
     }
 
+    /// `frame` (an IPv4 packet of ours) to the guest, in fragments when it is longer than
+    /// the MTU (a big ping's answer: the guest fragmented the request).
+    fn push_fitting(&self, mut frame: Vec<u8>, out: &mut Vec<Output>) {
+        let (eth, mtu) = (
+            smoltcp::wire::ETHERNET_HEADER_LEN,
+            usize::from(self.config.mtu),
+        );
+        if frame.len() > eth + mtu {
+            crate::frame::allow_fragments(&mut frame[eth..]);
+            if let Ok(pieces) = crate::ipv4frag::fragment(&frame[eth..], mtu) {
+                for piece in pieces {
+                    let mut f = Vec::with_capacity(eth + piece.len());
+                    f.extend_from_slice(&frame[..eth]);
+                    f.extend_from_slice(&piece);
+                    out.push(Output::Frame(f));
+                }
+                return;
+            }
+        }
+        out.push(Output::Frame(frame));
+    }
+
     fn on_icmp(&mut self, src_mac: MacAddr, ip: &Ipv4Packet<&[u8]>, out: &mut Vec<Output>) {
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let answer_here = dst == self.config.dns_ip
@@ -440,7 +464,7 @@ impl Gateway {
                 self.counters.icmp_echo_replies += 1;
                 let reply =
                     icmp::echo_reply(self.config.mac, src_mac, dst, src, ident, seq_no, data);
-                out.push(Output::Frame(reply));
+                self.push_fitting(reply, out);
             }
             Some(_) if answer_here => {}
             Some(_) => {
