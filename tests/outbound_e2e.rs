@@ -1665,3 +1665,33 @@ fn no_host_loopback_refuses_the_host_address() {
         &mut on_s,
     );
 }
+
+/// A ping longer than the MTU, which the guest's kernel sends in fragments, is answered (in
+/// fragments) by the DNS address (the gateway itself) and by the host address (the host's
+/// loopback), with and without offload on the tap (without it, no frame over the MTU reaches
+/// the guest: a whole 3 KB answer was dropped).
+#[test]
+fn pings_longer_than_the_mtu_are_answered() {
+    let test = "pings_longer_than_the_mtu_are_answered";
+    for extra in [&["--no-offload"][..], &[][..]] {
+        let Some(rig) = rig(test, extra) else {
+            return;
+        };
+        for addr in ["192.168.5.3", HOST] {
+            let out = run_with_deadline(
+                rig.g.exec(
+                    "busybox",
+                    &["ping", "-c", "2", "-W", "3", "-s", "3000", addr],
+                ),
+                Duration::from_secs(20),
+            );
+            rig.check(
+                out.success() && out.stdout.contains("3008 bytes from"),
+                format!(
+                    "{extra:?}: a 3000-byte ping to {addr} is answered: {}",
+                    out.describe()
+                ),
+            );
+        }
+    }
+}
