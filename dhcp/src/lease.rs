@@ -176,6 +176,12 @@ impl LeaseTable {
         if let Some(ip) = self.static_for(mac) {
             return Some(ip);
         }
+        if self.offers.len() >= MAX_OFFERS
+            && !self.offers.contains_key(&mac)
+            && self.binding_of(mac).is_none()
+        {
+            return None;
+        }
         let preferred = [
             self.binding_of(mac),
             self.offer_of(mac),
@@ -188,9 +194,6 @@ impl LeaseTable {
             .find(|&ip| self.is_free_for(ip, mac))
         {
             return Some(ip);
-        }
-        if self.offers.len() >= MAX_OFFERS && !self.offers.contains_key(&mac) {
-            return None;
         }
         if let Some(ip) = (self.pool.0..=self.pool.1)
             .map(Ipv4Addr::from)

@@ -284,6 +284,15 @@ fn discover_flood_from_new_macs_is_capped() {
         "the bound address is not offered to others"
     );
     assert_eq!(s.counters().exhausted, 3000 - 1024);
+    // Asking for a free address of its own does not get a new MAC past the limit either.
+    for i in 0..100u32 {
+        let want = std::net::Ipv4Addr::new(10, 0, 200, i as u8 + 1);
+        let r = s.handle(&flooder(10_000 + i).discover(Some(want)), t(1));
+        assert!(
+            matches!(r, Err(dhcp::DropReason::PoolExhausted(..))),
+            "{r:?}"
+        );
+    }
     // The known client renews its binding and rediscovers its address all the same.
     let r = s.handle(&known.discover(None), t(2)).unwrap().unwrap();
     assert_eq!(decode(&r).yiaddr(), bound);

@@ -362,20 +362,26 @@ impl Shared {
         self.neighbors.lock().unwrap().get(&ip).copied()
     }
 
-    /// Remember that the guest address `ip` lives at `mac`. Only addresses of the subnet
-    /// (what a reply or a forward can reach); when 4096 are known, a new one takes the place
-    /// of one other (a guest spraying source addresses churns one entry at a time, not the
-    /// table).
+    /// Remember that the guest address `ip` lives at `mac`. When 4096 are known, an address
+    /// outside the subnet is not learned, and one of the subnet takes the place of one other
+    /// (one outside the subnet if there is one): a guest spraying source addresses churns
+    /// one entry at a time, not the table, and from outside the subnet none of the guests'.
     fn learn(&self, ip: Ipv4Addr, mac: MacAddr) {
         let bits = u32::from(self.config.prefix.min(32));
         let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-        if u32::from(ip) & mask != u32::from(self.config.network) & mask {
-            return;
-        }
+        let net = u32::from(self.config.network) & mask;
+        let in_subnet = |ip: Ipv4Addr| u32::from(ip) & mask == net;
         let mut n = self.neighbors.lock().unwrap();
         if n.get(&ip) != Some(&mac) {
             if n.len() >= MAX_NEIGHBORS && !n.contains_key(&ip) {
-                if let Some(other) = n.keys().next().copied() {
+                if !in_subnet(ip) {
+                    return;
+                }
+                let other = n
+                    .keys()
+                    .find(|k| !in_subnet(**k))
+                    .or_else(|| n.keys().next());
+                if let Some(other) = other.copied() {
                     n.remove(&other);
                 }
             }
