@@ -117,11 +117,17 @@ impl State {
     /// `mac` lives on `port` (seen at `seen`); false when the table is full, aged entries
     /// swept out.
     fn learn(&mut self, mac: MacAddr, port: PortId, seen: Instant, now: Instant) -> bool {
+        // A new MAC needs room in the table and in its port's share; one moving from another
+        // port, room in this port's share.
         let full = |st: &State| {
             let own = st.per_port.get(&port).copied().unwrap_or(0);
-            st.macs.len() >= MAX_MACS || own >= MAX_MACS_PER_PORT
+            match st.macs.get(&mac) {
+                Some((p, _)) if *p == port => false,
+                Some(_) => own >= MAX_MACS_PER_PORT,
+                None => st.macs.len() >= MAX_MACS || own >= MAX_MACS_PER_PORT,
+            }
         };
-        if !self.macs.contains_key(&mac) && full(self) {
+        if full(self) {
             if self
                 .swept
                 .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
@@ -540,6 +546,15 @@ mod tests {
         drain(&mut rc);
         sw.forward_at(pb.id(), false, frame(A, B), None, t0);
         assert_eq!(drain(&mut rc).len(), 1, "so is c");
+        // Nor does port a take over b's MAC: its share is full.
+        sw.forward_at(pa.id(), false, frame([0xff; 6], B), None, t0);
+        drain(&mut rb);
+        sw.forward_at(pc.id(), false, frame(B, A), None, t0);
+        assert_eq!(drain(&mut rb).len(), 1, "b's MAC stays at b");
+        assert_eq!(
+            c.macs_not_learned.load(Ordering::Relaxed),
+            (100_000 - MAX_MACS_PER_PORT + 1) as u64
+        );
         // Aged out, port a's MACs make room again (a sweep at most once a second).
         let later = t0 + MAC_AGING + Duration::from_secs(1);
         sw.forward_at(pa.id(), false, frame(C, mac(200_000)), None, later);
