@@ -148,11 +148,7 @@ impl DnsServer {
         query: Vec<u8>,
         max_udp: usize,
     ) -> Option<impl std::future::Future<Output = Option<Vec<u8>>> + Send + 'static> {
-        let Ok(permit) = self.inner.udp_in_flight.clone().try_acquire_owned() else {
-            stats::bump(&self.inner.stats.queries_udp);
-            stats::bump(&self.inner.stats.dropped);
-            return None;
-        };
+        let permit = self.inner.udp_permit()?;
         let inner = self.inner.clone();
         Some(async move {
             let _permit = permit;

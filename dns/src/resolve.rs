@@ -66,6 +66,17 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// A permit to answer one more UDP query, or `None` (the query counted as dropped) when
+    /// [`crate::serve::MAX_UDP_IN_FLIGHT`] are being answered already.
+    pub fn udp_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.udp_in_flight.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            bump(&self.stats.queries_udp);
+            bump(&self.stats.dropped);
+        }
+        permit
+    }
+
     pub fn new(config: DnsConfig) -> Result<Inner, DnsError> {
         if config.timeout.is_zero() {
             return Err(DnsError::InvalidSetting {

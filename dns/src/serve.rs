@@ -9,7 +9,6 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::resolve::Inner;
-use crate::stats::bump;
 
 /// The largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: usize = 65507;
@@ -43,9 +42,7 @@ pub(crate) async fn serve_udp(inner: Arc<Inner>, socket: UdpSocket) {
                 continue;
             }
         };
-        let Ok(permit) = inner.udp_in_flight.clone().try_acquire_owned() else {
-            bump(&inner.stats.queries_udp);
-            bump(&inner.stats.dropped);
+        let Some(permit) = inner.udp_permit() else {
             continue;
         };
         let query = buf[..n].to_vec();
