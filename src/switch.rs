@@ -37,6 +37,11 @@ pub const PORT_QUEUE: usize = 1024;
 /// How long a learned MAC stays without being seen again.
 pub const MAC_AGING: Duration = Duration::from_secs(300);
 
+/// A MAC entry last seen at `seen` still stands at `now` (pinned ones are seen in the future).
+fn fresh(seen: Instant, now: Instant) -> bool {
+    seen > now || now.duration_since(seen) < MAC_AGING
+}
+
 /// Switch-wide counters (atomics: every port's task updates them).
 #[derive(Debug, Default)]
 pub struct SwitchCounters {
@@ -133,8 +138,7 @@ impl State {
                 .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
             {
                 self.swept = Some(now);
-                self.macs
-                    .retain(|_, (_, seen)| *seen > now || now.duration_since(*seen) < MAC_AGING);
+                self.macs.retain(|_, (_, seen)| fresh(*seen, now));
                 self.per_port.clear();
                 for (p, _) in self.macs.values() {
                     *self.per_port.entry(*p).or_default() += 1;
@@ -361,7 +365,7 @@ impl Switch {
             return;
         }
         let target = match st.macs.get(&dst) {
-            Some((id, seen)) if *seen > now || now.duration_since(*seen) < MAC_AGING => Some(*id),
+            Some((id, seen)) if fresh(*seen, now) => Some(*id),
             _ => None,
         };
         match target.and_then(|id| st.ports.get(&id).map(|p| (id, p))) {
