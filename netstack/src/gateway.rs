@@ -44,11 +44,16 @@ pub struct GatewayConfig {
     pub mtu: u16,
 }
 
+/// The netmask of a prefix length (as a number; 0 for /0).
+pub(crate) fn subnet_mask(prefix: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
+}
+
 impl GatewayConfig {
     fn mask(&self) -> u32 {
-        u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0)
+        subnet_mask(self.prefix)
     }
 
     fn broadcast(&self) -> Ipv4Addr {

@@ -367,8 +367,7 @@ impl Shared {
     /// (one outside the subnet if there is one): a guest spraying source addresses churns
     /// one entry at a time, not the table, and from outside the subnet none of the guests'.
     fn learn(&self, ip: Ipv4Addr, mac: MacAddr) {
-        let bits = u32::from(self.config.prefix.min(32));
-        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        let mask = crate::gateway::subnet_mask(self.config.prefix);
         let net = u32::from(self.config.network) & mask;
         let in_subnet = |ip: Ipv4Addr| u32::from(ip) & mask == net;
         let mut n = self.neighbors.lock().unwrap();
