@@ -462,8 +462,9 @@ impl Conn {
         let mut host_read_open = true; // the host may still send to the guest
         let mut host_write_open = true; // the guest may still send to the host
 
-        // Bytes carried both ways until the connection counts as bulk.
+        // Bytes carried both ways until the connection counts as bulk, and in all.
         let mut carried = 0u64;
+        let mut lifetime = 0u64;
         let mut bulk = None;
         // The ACK of the guest's FIN, held back ([`FIN_ACK_DELAY`]): the segment, where the
         // FIN ends, when to send the segment anyway. Only the first FIN taken is held.
@@ -548,6 +549,7 @@ impl Conn {
                     Ok(Ok(n)) => {
                         FlowCounters::add(&c.bytes_from_guest, n as u64);
                         carried += n as u64;
+                        lifetime += n as u64;
                         moved = true;
                     }
                     Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -568,9 +570,13 @@ impl Conn {
                 host_write_open = false;
             }
             // Host -> guest.
-            while host_read_open && sock.can_send() {
+            let mut drained = false;
+            while host_read_open && !drained && sock.can_send() {
                 let r = sock.send(|buf| match stream.try_read(buf) {
-                    Ok(n) => (n, Ok(n)),
+                    Ok((n, d)) => {
+                        drained = d;
+                        (n, Ok(n))
+                    }
                     Err(e) => (0, Err(e)),
                 });
                 match r {
@@ -583,6 +589,7 @@ impl Conn {
                     Ok(Ok(n)) => {
                         FlowCounters::add(&c.bytes_to_guest, n as u64);
                         carried += n as u64;
+                        lifetime += n as u64;
                         moved = true;
                     }
                     Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -602,6 +609,13 @@ impl Conn {
             let finished =
                 state == tcp::State::TimeWait || (state == tcp::State::Closed && guest_fin);
             if finished && !host_write_open {
+                // Reusable when no more than the first page of either ring was written (a
+                // short connection): nothing written past what was carried in order.
+                buffers.spare.set(lifetime < PAGE as u64 && dev.all_acked());
+                // The teardown (host socket closed and deregistered, buffers) waits behind
+                // what is ready on this thread: a segment of another connection read in the
+                // same batch (the guest's next request, often) goes first.
+                workers::yield_once().await;
                 return Ok(());
             }
             if state == tcp::State::Closed && !guest_fin {
@@ -696,12 +710,15 @@ fn guest_interface(shared: &Shared, key: &Key, dev: &mut GuestLink<'_>) -> Inter
 struct Buffers {
     ptr: *mut u8,
     size: usize,
+    /// Set by the connection when it ends having written at most the first page of each
+    /// half: the mapping is then kept for another connection ([`SPARE`]).
+    spare: std::cell::Cell<bool>,
 }
 
 // SAFETY: the mapping is owned by one connection task; only raw pointers cross threads.
 unsafe impl Send for Buffers {}
 
-/// Mappings of connections that ended with at most the first page of each half resident
+/// Mappings of connections that ended having written at most the first page of each half
 /// (a short connection: connect, a request, a reply, close), kept for the next connections
 /// so that starting one costs no mmap, munmap or page faults. At most [`SPARE_MAX`], so
 /// what they hold stays under 2 pages each.
@@ -725,6 +742,7 @@ impl Buffers {
             return Ok(Buffers {
                 ptr: m.ptr as *mut u8,
                 size,
+                spare: false.into(),
             });
         }
         // SAFETY: a fresh private anonymous mapping; checked for failure below.
@@ -744,6 +762,7 @@ impl Buffers {
         Ok(Buffers {
             ptr: ptr.cast(),
             size,
+            spare: false.into(),
         })
     }
 
@@ -778,28 +797,9 @@ impl Buffers {
     }
 }
 
-impl Buffers {
-    /// Only the first page of each half (or less) is resident.
-    fn barely_touched(&self) -> bool {
-        if self.size < PAGE || self.size % PAGE != 0 {
-            return false;
-        }
-        let pages = 2 * self.size / PAGE;
-        let mut resident = vec![0u8; pages];
-        // SAFETY: our own page-aligned mapping of `pages` pages; the vector has one byte each.
-        let r = unsafe { libc::mincore(self.ptr.cast(), 2 * self.size, resident.as_mut_ptr()) };
-        let half = pages / 2;
-        r == 0
-            && resident
-                .iter()
-                .enumerate()
-                .all(|(i, r)| r & 1 == 0 || i == 0 || i == half)
-    }
-}
-
 impl Drop for Buffers {
     fn drop(&mut self) {
-        if self.barely_touched() {
+        if self.spare.get() && self.size >= PAGE && self.size % PAGE == 0 {
             let mut spare = SPARE.lock().unwrap();
             if spare.len() < SPARE_MAX {
                 // What the next connection's rings find there is never read: a ring buffer
@@ -910,7 +910,10 @@ pub(crate) async fn probe(
 /// The host side of a connection: a TCP stream, or a unix stream (forwards from a host unix
 /// socket into the guest).
 pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Read without waiting: the bytes read, and whether the socket was found drained (a
+    /// read shorter than `buf`, after which its readiness is cleared as a `WouldBlock` would:
+    /// no second read just to learn that nothing more is there; new data is a new event).
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
@@ -923,8 +926,29 @@ pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
 macro_rules! host_stream {
     ($t:ty) => {
         impl HostStream for $t {
-            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-                <$t>::try_read(self, buf)
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+                let fd = self.as_raw_fd();
+                let want = buf.len();
+                let mut short = None;
+                let r = self.try_io(tokio::io::Interest::READABLE, || {
+                    // SAFETY: receiving into `buf`, which we borrow mutably.
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want, 0) };
+                    if n < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let n = n as usize;
+                    if n > 0 && n < want {
+                        // Drained: report it as WouldBlock, so that the readiness is cleared.
+                        short = Some(n);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match (r, short) {
+                    (_, Some(n)) => Ok((n, true)),
+                    (Ok(n), None) => Ok((n, false)),
+                    (Err(e), None) => Err(e),
+                }
             }
             fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
                 <$t>::try_write(self, buf)
@@ -1305,6 +1329,82 @@ impl phy::TxToken for TxToken<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A short read reports the socket drained and clears its readiness without a second
+    /// read; data arriving afterwards is a new event (no wake-up lost), a full read reports
+    /// nothing drained, and the end of the stream reads as 0.
+    #[tokio::test]
+    async fn short_host_reads_clear_readiness_without_losing_wakeups() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = TcpStream::from_std(ours).unwrap();
+        let within = Duration::from_secs(5);
+        let mut buf = [0u8; 64];
+
+        peer.write_all(b"a").unwrap();
+        tokio::time::timeout(within, HostStream::readable(&stream))
+            .await
+            .expect("readable")
+            .unwrap();
+        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (1, true));
+        // Cleared: no readiness is left behind the short read...
+        let pending =
+            tokio::time::timeout(Duration::from_millis(50), HostStream::readable(&stream));
+        assert!(
+            pending.await.is_err(),
+            "readiness cleared by the short read"
+        );
+        // ...and what comes next wakes the reader.
+        peer.write_all(b"bc").unwrap();
+        tokio::time::timeout(within, HostStream::readable(&stream))
+            .await
+            .expect("new data is a new event")
+            .unwrap();
+        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (2, true));
+        // A read that fills the buffer says nothing about what is left.
+        peer.write_all(&[7u8; 100]).unwrap();
+        tokio::time::timeout(within, HostStream::readable(&stream))
+            .await
+            .expect("readable")
+            .unwrap();
+        let mut got = 0;
+        let deadline = std::time::Instant::now() + within;
+        while got < 100 {
+            match HostStream::try_read(&stream, &mut buf) {
+                Ok((n, drained)) => {
+                    got += n;
+                    assert_eq!(drained, n < buf.len());
+                    if drained && got < 100 {
+                        tokio::time::timeout(within, HostStream::readable(&stream))
+                            .await
+                            .expect("rest readable")
+                            .unwrap();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(within, HostStream::readable(&stream))
+                        .await
+                        .expect("rest readable")
+                        .unwrap();
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "all 100 bytes within 5 s"
+            );
+        }
+        assert_eq!(got, 100);
+        drop(peer);
+        tokio::time::timeout(within, HostStream::readable(&stream))
+            .await
+            .expect("end readable")
+            .unwrap();
+        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (0, false));
+    }
 
     /// The kernel's answer to a nonblocking connect on loopback, as `start_connect` reads it:
     /// a listener accepts within the call (connected, no `SO_ERROR` needed), a closed port
