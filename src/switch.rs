@@ -9,8 +9,9 @@
 //!
 //! Ports that segment TCP themselves (a tap with segmentation offload) are attached with
 //! [`Switch::attach_large`]: they may send and receive frames of up to 64 KiB (one large TCP
-//! segment, cut to the MTU by the kernel behind the port); every other port gets frames of
-//! at most MTU + 14 bytes, and larger ones for it are dropped as oversize.
+//! segment, or several UDP datagrams in one frame, cut apart by the kernel behind the port);
+//! every other port gets frames of at most MTU + 14 bytes: large TCP segments and frames of
+//! several datagrams are cut for it, anything else larger is dropped as oversize.
 //!
 //! A frame may enter with its TCP or UDP checksum left partial ([`Partial`]: a tap guest's
 //! kernel computes none, the NAT computes none for such a guest). Only a port's fast path sees
@@ -57,9 +58,11 @@ pub struct SwitchCounters {
     pub drop_runt: AtomicU64,
     /// Frames longer than MTU + 14 (from or to a port that takes no large frames).
     pub drop_oversize: AtomicU64,
-    /// Frames longer than MTU + 14 (large TCP segments) queued towards ports.
+    /// Frames longer than MTU + 14 (large TCP segments) or carrying several UDP datagrams
+    /// queued towards ports.
     pub large_frames: AtomicU64,
-    /// Of those, cut into MTU-sized segments for a port that takes no large frames.
+    /// Of those, cut into MTU-sized segments or single datagrams for a port that takes no
+    /// large frames.
     pub large_frames_cut: AtomicU64,
     /// Frames to a unicast MAC that no port has shown.
     pub drop_unknown_unicast: AtomicU64,
@@ -334,8 +337,15 @@ impl Switch {
         SwitchCounters::bump(&c.frames_in);
         c.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
         if let Some(capture) = self.capture.get() {
-            frame = complete(frame, partial.take());
-            capture.record(&frame);
+            match partial {
+                // Several datagrams in one frame stay so, partial (a port cuts them apart or
+                // hands them on whole); the capture gets the frame with its checksum done.
+                Some(p) if p.segment > 0 => capture.record(&complete(frame.clone(), Some(p))),
+                _ => {
+                    frame = complete(frame, partial.take());
+                    capture.record(&frame);
+                }
+            }
         }
         let mut st = self.state.lock().unwrap();
         match st.macs.get_mut(&src) {
@@ -373,8 +383,16 @@ impl Switch {
                 // Outside the lock: the fast path and cutting large frames take a while.
                 let (tx, large, fast) = (port.tx.clone(), port.large, port.fast.clone());
                 drop(st);
+                // Several datagrams in one frame, for a port that takes no large frames: cut
+                // apart (below), however short the frame.
+                let cut_datagrams = (!large)
+                    .then_some(partial)
+                    .flatten()
+                    .filter(|p| p.segment > 0);
                 // A large frame for a port that takes none is cut first (below).
-                if let Some(fast) = fast.filter(|_| large || frame.len() <= self.max_frame) {
+                if let Some(fast) = fast
+                    .filter(|_| cut_datagrams.is_none() && (large || frame.len() <= self.max_frame))
+                {
                     if fast(&frame, partial) {
                         if frame.len() > self.max_frame {
                             SwitchCounters::bump(&c.large_frames);
@@ -383,6 +401,19 @@ impl Switch {
                         c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                         return;
                     }
+                }
+                if let Some(p) = cut_datagrams {
+                    SwitchCounters::bump(&c.large_frames);
+                    match netstack::offload::segment_udp4(&frame, usize::from(p.segment)) {
+                        Some(datagrams) => {
+                            SwitchCounters::bump(&c.large_frames_cut);
+                            for d in datagrams {
+                                self.enqueue_to(&tx, large, d);
+                            }
+                        }
+                        None => SwitchCounters::bump(&c.drop_oversize),
+                    }
+                    return;
                 }
                 // Cutting a large frame computes every piece's checksum anyway.
                 if large || frame.len() <= self.max_frame {
@@ -724,5 +755,85 @@ mod tests {
         pa.send_partial(f, Some(p));
         assert_eq!(drain(&mut rb), vec![whole.clone()]);
         assert_eq!(drain(&mut rc), vec![whole]);
+    }
+
+    /// A frame of `n` UDP datagrams of `seg` bytes (numbered by their first byte) from A to
+    /// `dst`, partial, with its [`Partial::segment`].
+    fn udp_segments(dst: MacAddr, n: usize, seg: usize) -> (Bytes, Partial) {
+        let len = 20 + 8 + n * seg;
+        let mut f = frame(dst, A)[..12].to_vec();
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 192, 168, 5, 2, 192, 168, 5, 15]);
+        f.extend_from_slice(&[0, 53, 0x9c, 0x40]);
+        f.extend_from_slice(&((8 + n * seg) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        for i in 0..n {
+            f.extend(std::iter::repeat_n(i as u8, seg));
+        }
+        let p = Partial::leave(&mut f).expect("IPv4 UDP");
+        (
+            Bytes::from(f),
+            Partial {
+                segment: seg as u16,
+                ..p
+            },
+        )
+    }
+
+    #[test]
+    fn frames_of_several_datagrams_are_cut_for_ports_that_take_no_large_frames() {
+        let sw = Switch::new(1500);
+        let (gw, _rgw) = sw.attach_large("gateway");
+        let (tap, _rtap) = sw.attach_large("tap");
+        let (qemu, mut rqemu) = sw.attach("qemu");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        sw.set_fast_path(
+            &tap,
+            Arc::new(move |f: &Bytes, p| {
+                s.lock().unwrap().push((f.clone(), p));
+                true
+            }),
+        );
+        tap.send(frame([0xff; 6], B));
+        qemu.send(frame([0xff; 6], C));
+        drain(&mut rqemu);
+        // To the port that takes them: whole, still partial, segment size and all.
+        let (f, p) = udp_segments(B, 5, 1400);
+        gw.send_partial(f.clone(), Some(p));
+        assert_eq!(seen.lock().unwrap().as_slice(), &[(f, Some(p))]);
+        // To a port that takes none: five whole datagrams with valid checksums.
+        let (f, p) = udp_segments(C, 5, 1400);
+        gw.send_partial(f, Some(p));
+        let got = drain(&mut rqemu);
+        assert_eq!(got.len(), 5);
+        for (i, d) in got.iter().enumerate() {
+            assert!(d.len() <= 1514);
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(&d[14..]).unwrap();
+            assert!(ip.verify_checksum());
+            let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
+            assert!(udp.verify_checksum(
+                &smoltcp::wire::IpAddress::v4(192, 168, 5, 2),
+                &smoltcp::wire::IpAddress::v4(192, 168, 5, 15)
+            ));
+            assert_eq!(udp.payload(), &[i as u8; 1400][..]);
+        }
+        // However short the frame: three datagrams of ten bytes are three datagrams.
+        let (f, p) = udp_segments(C, 3, 10);
+        assert!(f.len() <= 1514);
+        gw.send_partial(f, Some(p));
+        let got = drain(&mut rqemu);
+        assert_eq!(
+            got.len(),
+            3,
+            "cut, not passed on as one datagram of 30 bytes"
+        );
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(&d[42..], &[i as u8; 10][..]);
+        }
+        let c = sw.counters();
+        assert_eq!(c.large_frames_cut.load(Ordering::Relaxed), 2);
+        assert_eq!(c.drop_oversize.load(Ordering::Relaxed), 0);
     }
 }

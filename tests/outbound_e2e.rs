@@ -1426,6 +1426,97 @@ fn udp_echo_sizes_and_flow_timeout() {
     );
 }
 
+/// The running kernel's version is at least MAJOR.MINOR.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Datagrams the burst server sends: runs of one size (gathered into frames of several for a
+/// guest whose tap takes offload), a shorter one ending a run, an empty one, and datagrams
+/// too long for the MTU (fragmented).
+const BURST: &[&str] = &[
+    "1200x200", "1472x50", "100", "1472", "1472", "800", "800", "0", "3000", "1472x3", "20000",
+    "1400x64", "65507", "1x5",
+];
+
+/// Host datagrams in bursts reach the guest's kernel whole and in order: with the tap's offload
+/// (runs of one size gathered into frames of several datagrams, which the guest's kernel cuts
+/// apart), with the capture on as well, and without offload (one frame each).
+#[test]
+fn udp_bursts_reach_the_guest_whole_and_in_order() {
+    let pcap = std::env::temp_dir().join(format!("usernet-udp-burst-{}.pcap", std::process::id()));
+    let pcap_arg = pcap.to_string_lossy().into_owned();
+    let variants: [(&str, Vec<&str>, bool); 3] = [
+        ("offload", vec![], true),
+        (
+            "offload and --pcap",
+            vec!["--pcap", pcap_arg.as_str()],
+            true,
+        ),
+        ("--no-offload", vec!["--no-offload"], false),
+    ];
+    let count: usize = BURST
+        .iter()
+        .map(|p| {
+            p.split_once('x')
+                .map_or(1, |(_, n)| n.parse::<usize>().unwrap())
+        })
+        .sum();
+    for (label, extra, gathers) in variants {
+        let Some(rig) = rig("udp_bursts_reach_the_guest_whole_and_in_order", &extra) else {
+            return;
+        };
+        let mut srv = rig.tool_server(&rig.d, &["udp-burst", "127.0.0.1", "9011"], 'u', 9011);
+        let mut args = vec!["udp-burst-client", HOST, "9011", "40200"];
+        args.extend_from_slice(BURST);
+        let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
+        if v.get("ok") != Some(&Value::Bool(true)) || u(&v, "received") != count as u64 {
+            rig.fail(format!(
+                "{label}: the guest should receive all {count} datagrams of the burst in order,                  byte for byte: {v}\n{}\n{}",
+                out.describe(),
+                srv.describe()
+            ));
+        }
+        let st = rig.daemon.stats();
+        let gathered = stat_u64(&st, "udp.gathered").unwrap_or(0);
+        let cut = stat_u64(&st, "switch.large_frames_cut").unwrap_or(u64::MAX);
+        if gathers {
+            rig.check(
+                gathered > 0,
+                format!("{label}: runs of one size should go out gathered (udp.gathered): {st}"),
+            );
+            // Linux 6.2 and later cut them itself (UDP GSO from the tap); before, the tap does.
+            let log = std::fs::read_to_string(rig.daemon.log_path()).unwrap_or_default();
+            let said = log.contains("UDP segmentation offload");
+            if kernel_at_least(6, 2) {
+                rig.check(
+                    said && cut == 0,
+                    format!(
+                        "{label}: this kernel takes UDP GSO frames: the tap should say so and \
+                         nothing should be cut in usernet (switch.large_frames_cut {cut})"
+                    ),
+                );
+            } else {
+                rig.check(
+                    !said && cut > 0,
+                    format!("{label}: a kernel before 6.2: the tap should cut them: {st}"),
+                );
+            }
+        } else {
+            rig.check(
+                gathered == 0,
+                format!("{label}: a tap without offload gets one frame per datagram: {st}"),
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&pcap);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. ICMP echo
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! What a NIC with checksum and segmentation offload does, in software, for the ports that
 //! exchange offloaded frames (a tap with virtio-net headers) and the ports that do not:
-//! completing a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`) and cutting a large TCP
-//! segment over IPv4 into segments that fit the MTU (GSO).
+//! completing a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), cutting a large TCP
+//! segment over IPv4 into segments that fit the MTU (GSO), and cutting a UDP packet that
+//! carries several datagrams into those datagrams (UDP segmentation offload).
 
 use bytes::Bytes;
 
@@ -75,6 +76,10 @@ pub fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool 
 pub struct Partial {
     pub start: u16,
     pub offset: u16,
+    /// For a UDP packet that carries several datagrams (UDP segmentation offload, a
+    /// frame longer than the link's MTU): the payload size of each (the last may be
+    /// shorter). 0 for everything else.
+    pub segment: u16,
 }
 
 impl Partial {
@@ -95,6 +100,7 @@ impl Partial {
         (ihl >= 20 && start + offset + 2 <= frame.len()).then_some(Partial {
             start: start as u16,
             offset: offset as u16,
+            segment: 0,
         })
     }
 
@@ -179,6 +185,59 @@ pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
         pseudo[10..12].copy_from_slice(&(tcp.len() as u16).to_be_bytes());
         let sum = add(ones_sum(&pseudo), ones_sum(tcp));
         tcp[16..18].copy_from_slice(&finish(sum).to_be_bytes());
+        out.push(Bytes::from(f));
+    }
+    Some(out)
+}
+
+/// Cut the Ethernet frame `frame` (IPv4, UDP, valid headers) that carries several datagrams
+/// of `segment` bytes each (the last may be shorter; UDP segmentation offload) into one frame
+/// per datagram, each with its own IP length, identification and checksum, UDP length and
+/// checksum. None when the frame is not IPv4 UDP, its headers do not hold together, it
+/// carries nothing or `segment` is 0.
+pub fn segment_udp4(frame: &[u8], segment: usize) -> Option<Vec<Bytes>> {
+    const ETH: usize = 14;
+    if frame.get(12..14)? != [0x08, 0x00] || segment == 0 {
+        return None;
+    }
+    let ip = frame.get(ETH..)?;
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if *ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 17 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+    let ip = ip.get(..total)?;
+    if ihl + 8 > total {
+        return None;
+    }
+    let headers = ETH + ihl + 8;
+    let payload = &frame[headers..ETH + total];
+    if payload.is_empty() {
+        return None;
+    }
+    let id = u16::from_be_bytes([ip[4], ip[5]]);
+    let mut pseudo = [0u8; 12];
+    pseudo[0..8].copy_from_slice(&ip[12..20]);
+    pseudo[9] = 17;
+    let count = payload.len().div_ceil(segment).max(1);
+    let mut out = Vec::with_capacity(count);
+    for (i, chunk) in payload.chunks(segment).enumerate() {
+        let mut f = Vec::with_capacity(headers + chunk.len());
+        f.extend_from_slice(&frame[..headers]);
+        f.extend_from_slice(chunk);
+        let (eth_ip, udp) = f.split_at_mut(ETH + ihl);
+        let iph = &mut eth_ip[ETH..];
+        iph[2..4].copy_from_slice(&((ihl + 8 + chunk.len()) as u16).to_be_bytes());
+        iph[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        iph[10..12].copy_from_slice(&[0, 0]);
+        let ipsum = !ones_sum(iph);
+        iph[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let len = (8 + chunk.len()) as u16;
+        udp[4..6].copy_from_slice(&len.to_be_bytes());
+        udp[6..8].copy_from_slice(&[0, 0]);
+        pseudo[10..12].copy_from_slice(&len.to_be_bytes());
+        let sum = finish(add(ones_sum(&pseudo), ones_sum(udp)));
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
         out.push(Bytes::from(f));
     }
     Some(out)
@@ -280,6 +339,7 @@ mod tests {
         let lying = Partial {
             start: 34,
             offset: 60000,
+            segment: 0,
         };
         assert!(!lying.complete(&mut f));
     }
@@ -307,6 +367,85 @@ mod tests {
             got.extend_from_slice(tcp.payload());
         }
         assert_eq!(got, payload);
+    }
+
+    /// An IPv4 UDP frame carrying `payload`, its checksum left partial (as the NAT sends a
+    /// frame of several datagrams).
+    fn udp_frame(payload: &[u8]) -> Vec<u8> {
+        let ip = Ipv4Repr {
+            src_addr: DST,
+            dst_addr: SRC,
+            next_header: IpProtocol::Udp,
+            payload_len: 8 + payload.len(),
+            hop_limit: 64,
+        };
+        let mut f = vec![0u8; 14 + 20 + 8 + payload.len()];
+        f[12] = 0x08;
+        ip.emit(
+            &mut Ipv4Packet::new_unchecked(&mut f[14..]),
+            &ChecksumCapabilities::default(),
+        );
+        f[34..36].copy_from_slice(&53u16.to_be_bytes());
+        f[36..38].copy_from_slice(&40000u16.to_be_bytes());
+        f[38..40].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f[42..].copy_from_slice(payload);
+        Partial::leave(&mut f).expect("IPv4 UDP");
+        f
+    }
+
+    #[test]
+    fn udp_segments_are_whole_datagrams_in_order() {
+        let payload: Vec<u8> = (0..(7 * 1200 + 333) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let segs = segment_udp4(&udp_frame(&payload), 1200).expect("an IPv4 UDP frame");
+        assert_eq!(segs.len(), 8);
+        let mut got = Vec::new();
+        let mut ids = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+            assert!(ip.verify_checksum(), "IP checksum of datagram {i}");
+            assert_eq!(ip.next_header(), IpProtocol::Udp);
+            let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
+            assert!(
+                udp.verify_checksum(&IpAddress::Ipv4(DST), &IpAddress::Ipv4(SRC)),
+                "UDP checksum of datagram {i}"
+            );
+            assert_ne!(udp.checksum(), 0, "a checksum, not 'none'");
+            assert_eq!((udp.src_port(), udp.dst_port()), (53, 40000));
+            let want = if i == 7 { 333 } else { 1200 };
+            assert_eq!(udp.payload().len(), want, "datagram {i}");
+            assert_eq!(usize::from(udp.len()), 8 + want);
+            assert_eq!(s.len(), 14 + 20 + 8 + want);
+            ids.push(ip.ident());
+            got.extend_from_slice(udp.payload());
+        }
+        assert_eq!(got, payload);
+        ids.dedup();
+        assert_eq!(ids.len(), 8, "each its own identification");
+        // Exactly divisible: no empty datagram at the end.
+        let even = segment_udp4(&udp_frame(&payload[..2400]), 1200).unwrap();
+        assert_eq!(even.len(), 2);
+    }
+
+    #[test]
+    fn udp_frames_that_lie_are_refused() {
+        let f = udp_frame(&[7; 3000]);
+        assert!(segment_udp4(&f, 0).is_none(), "no segment size");
+        let mut tcp = f.clone();
+        tcp[14 + 9] = 6;
+        assert!(segment_udp4(&tcp, 1000).is_none());
+        let mut long = f.clone();
+        long[16..18].copy_from_slice(&60000u16.to_be_bytes());
+        assert!(segment_udp4(&long, 1000).is_none());
+        let mut short = f.clone();
+        short[16..18].copy_from_slice(&24u16.to_be_bytes()); // shorter than IP + UDP
+        assert!(segment_udp4(&short, 1000).is_none());
+        assert!(
+            segment_udp4(&udp_frame(&[]), 1000).is_none(),
+            "nothing to carry"
+        );
+        assert!(segment_udp4(&f[..30], 1000).is_none());
     }
 
     #[test]

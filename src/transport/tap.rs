@@ -13,7 +13,10 @@
 //! crossed a wire), the switch completes it for any other port and cuts large segments for
 //! ports that do not take them. Frames to the guest with a partial checksum (the NAT computes
 //! none for a guest on this port) go out with `NEEDS_CSUM`, which the guest's kernel takes
-//! as verified.
+//! as verified. Datagrams that the NAT sends the guest in one frame (UDP segmentation offload,
+//! [`Partial::segment`]) go out with a UDP GSO header where the kernel takes one (Linux 6.2
+//! and later, found by asking it for `TUN_F_USO4 | TUN_F_USO6` once), and are cut into
+//! single datagrams here where it does not (counted as the switch's `large_frames_cut`).
 
 use std::ffi::CString;
 use std::io;
@@ -48,10 +51,13 @@ const IFF_DETACH_QUEUE: libc::c_int = 0x0400;
 /// little-endian machines this runs on, which the kernel assumes for tap by default).
 const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_USO4: libc::c_ulong = 0x20;
+const TUN_F_USO6: libc::c_ulong = 0x40;
 
 /// What the virtio-net header `h` says of the frame after it: Ok(Some) for the partial
 /// checksum of an IPv4 TCP or UDP packet, left so; Ok(None) for a whole frame (any other
@@ -69,6 +75,7 @@ fn accept_offloaded(h: &[u8], frame: &mut [u8]) -> Result<Option<Partial>, ()> {
     let said = Partial {
         start: u16::from_le_bytes([h[6], h[7]]),
         offset: u16::from_le_bytes([h[8], h[9]]),
+        segment: 0,
     };
     // Left partial only where the frame's own TCP or UDP checksum is: the switch and the
     // gateway rely on that.
@@ -88,6 +95,22 @@ fn vnet_header(frame: &[u8], mtu: usize, partial: Option<Partial>) -> Option<[u8
         h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
         h[6..8].copy_from_slice(&p.start.to_le_bytes());
         h[8..10].copy_from_slice(&p.offset.to_le_bytes());
+    }
+    if let Some(p) = partial.filter(|p| p.segment > 0) {
+        // Several datagrams of `segment` bytes each (the last may be shorter), each fitting
+        // the MTU, however short the frame: the guest's kernel cuts them apart.
+        if frame.get(12..14)? != [0x08, 0x00] || *frame.get(14 + 9)? != 17 {
+            return None;
+        }
+        let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+        let hdr_len = 14 + ihl + 8;
+        if ihl < 20 || usize::from(p.segment) + ihl + 8 > mtu || frame.len() <= hdr_len {
+            return None;
+        }
+        h[1] = VIRTIO_NET_HDR_GSO_UDP_L4;
+        h[2..4].copy_from_slice(&(hdr_len as u16).to_le_bytes());
+        h[4..6].copy_from_slice(&p.segment.to_le_bytes());
+        return Some(h);
     }
     if frame.len() <= mtu + 14 {
         return Some(h);
@@ -147,10 +170,18 @@ pub fn start(
     let fds = create_in_netns(netns, name, mtu, offload, queues)
         .map_err(|e| anyhow::anyhow!("tap-netns {}: creating {name}: {e}", netns.display()))?;
     let queues = fds.len();
+    let uso = offload
+        && takes_udp_segments(&fds[0])
+            .map_err(|e| anyhow::anyhow!("tap {name}: setting its offloads: {e}"))?;
     tracing::info!(
-        "serving tap {name} in {} ({queues} queue{})",
+        "serving tap {name} in {} ({queues} queue{}{})",
         netns.display(),
-        if queues == 1 { "" } else { "s" }
+        if queues == 1 { "" } else { "s" },
+        if uso {
+            ", UDP segmentation offload"
+        } else {
+            ""
+        }
     );
     let label = format!("tap {name}@{}", netns.display());
     let (port, rx) = if offload {
@@ -181,6 +212,7 @@ pub fn start(
         egresses.push(Arc::new(Egress {
             fd: Arc::new(fd),
             vnet: offload,
+            uso,
             mtu: usize::from(mtu),
             state: Mutex::new(EgressState::default()),
             notify: Notify::new(),
@@ -374,6 +406,8 @@ impl Flag {
 struct Egress {
     fd: Arc<AsyncFd<OwnedFd>>,
     vnet: bool,
+    /// The kernel takes frames of several UDP datagrams with a GSO header.
+    uso: bool,
     mtu: usize,
     state: Mutex<EgressState>,
     notify: Notify,
@@ -436,6 +470,12 @@ impl Egress {
         if partial.is_some() && !self.vnet {
             return false; // the switch completes it and queues it
         }
+        if let Some(datagrams) = self.cut(frame, partial) {
+            for d in datagrams {
+                self.offer(&d, None);
+            }
+            return true;
+        }
         let Some(header) = self.header(frame, partial) else {
             return true;
         };
@@ -470,6 +510,18 @@ impl Egress {
         true
     }
 
+    /// A frame of several UDP datagrams for a kernel that takes no such frames: the
+    /// datagrams one by one (an empty list, counted, when the frame does not hold together).
+    fn cut(&self, frame: &[u8], partial: Option<Partial>) -> Option<Vec<Bytes>> {
+        let p = partial.filter(|p| p.segment > 0 && !self.uso)?;
+        let datagrams = netstack::offload::segment_udp4(frame, usize::from(p.segment));
+        match datagrams {
+            Some(_) => SwitchCounters::bump(&self.port.switch().counters().large_frames_cut),
+            None => self.port.framing_error(),
+        }
+        Some(datagrams.unwrap_or_default())
+    }
+
     fn hdr_len(&self) -> usize {
         if self.vnet {
             VNET_HDR_LEN
@@ -491,8 +543,15 @@ impl Egress {
         h
     }
 
-    /// Write `frame`, waiting until the device takes it. Errors other than EIO end the port.
+    /// Write `frame`, waiting until the device takes it. Errors other than EIO and EINVAL
+    /// (a frame the kernel refuses, counted) end the port.
     async fn write(&self, frame: &Bytes, partial: Option<Partial>) -> io::Result<()> {
+        if let Some(datagrams) = self.cut(frame, partial) {
+            for d in datagrams {
+                Box::pin(self.write(&d, None)).await?;
+            }
+            return Ok(());
+        }
         let Some(header) = self.header(frame, partial) else {
             return Ok(());
         };
@@ -504,6 +563,10 @@ impl Egress {
             .await;
         self.busy.frame();
         match r {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.port.framing_error();
+                Ok(())
+            }
             // EIO: the link is down in the namespace; the frame is lost, the port stays.
             // Likewise a frame queued here before the queue was detached.
             Err(e) if e.raw_os_error() != Some(libc::EIO) && self.is_attached() => Err(e),
@@ -719,6 +782,24 @@ fn create_in_netns(
     .map_err(|_| io::Error::other("tap creation thread panicked"))?
 }
 
+/// Does the kernel take frames of several UDP datagrams with a UDP GSO header
+/// (`VIRTIO_NET_HDR_GSO_UDP_L4`, Linux 6.2 and later)? Told by whether it knows `TUN_F_USO4`
+/// and `TUN_F_USO6` (taken only together), which came with it; the device's offloads are set
+/// back to what we take from the guest (not UDP segments), so that the kernel sends us none.
+fn takes_udp_segments(fd: &OwnedFd) -> io::Result<bool> {
+    let ours = TUN_F_CSUM | TUN_F_TSO4;
+    let probe = ours | TUN_F_USO4 | TUN_F_USO6;
+    // SAFETY: TUNSETOFFLOAD takes an unsigned long by value.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, probe) } < 0 {
+        return Ok(false);
+    }
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, ours) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -777,6 +858,7 @@ mod tests {
         let p = Partial {
             start: 34,
             offset: 16,
+            segment: 0,
         };
         let h = vnet_header(&tcp_frame(1400), 1500, Some(p)).unwrap();
         assert_eq!(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
@@ -790,6 +872,31 @@ mod tests {
         udp[14 + 9] = 17;
         assert_eq!(vnet_header(&udp, 1500, None), None);
         assert_eq!(vnet_header(&[0u8; 1600], 1500, None), None);
+        // Several UDP datagrams: a UDP GSO header with their size, the checksum partial.
+        let p = Partial {
+            start: 34,
+            offset: 6,
+            segment: 1472,
+        };
+        let h = vnet_header(&udp, 1500, Some(p)).unwrap();
+        assert_eq!(h[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(h[1], VIRTIO_NET_HDR_GSO_UDP_L4);
+        assert_eq!(u16::from_le_bytes([h[2], h[3]]), 14 + 20 + 8);
+        assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1472);
+        assert_eq!(h[6..10], [34, 0, 6, 0]);
+        // However short: five datagrams of one byte are five datagrams, not one of five bytes.
+        let mut short = tcp_frame(0);
+        short.truncate(14 + 20 + 8 + 5);
+        short[14 + 9] = 17;
+        let tiny = Partial { segment: 1, ..p };
+        let h = vnet_header(&short, 1500, Some(tiny)).unwrap();
+        assert_eq!(h[1], VIRTIO_NET_HDR_GSO_UDP_L4);
+        assert_eq!(u16::from_le_bytes([h[4], h[5]]), 1);
+        // Datagrams that would not fit the MTU one by one, or no size: not sent.
+        let too_long = Partial { segment: 1473, ..p };
+        assert_eq!(vnet_header(&udp, 1500, Some(too_long)), None);
+        let no_size = Partial { segment: 0, ..p };
+        assert_eq!(vnet_header(&udp, 1500, Some(no_size)), None);
     }
 
     #[test]
@@ -807,6 +914,7 @@ mod tests {
         let p = Partial {
             start: 34,
             offset: 16,
+            segment: 0,
         };
         assert_eq!(
             accept_offloaded(&h, &mut f),

@@ -264,6 +264,53 @@ def srv_udp_echo(bind, port):
         out({"peer": peer[0], "port": peer[1], "len": len(b)})
 
 
+def burst_sizes(spec):
+    """`1200x3 0 3000` -> [1200, 1200, 1200, 0, 3000]."""
+    sizes = []
+    for part in spec:
+        size, _, count = part.partition("x")
+        sizes += [int(size)] * int(count or 1)
+    return sizes
+
+
+def burst_datagram(i, size):
+    """Datagram i of a burst: its index (when there is room), then bytes derived from it."""
+    body = struct.pack("!I", i) + bytes((i * 7 + j) % 251 for j in range(max(0, size - 4)))
+    return body[:size]
+
+
+def srv_udp_burst(bind, port):
+    """Answers each request (`SIZE[xCOUNT] ...`) with a burst of such datagrams, numbered in
+    order; each run of equal sizes is sent at once where the kernel takes UDP_SEGMENT (so that
+    the receiver finds the whole run queued), else one by one."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((bind, int(port)))
+    while True:
+        req, peer = s.recvfrom(65535)
+        sizes = burst_sizes(req.decode().split())
+        i, segmented = 0, 0
+        while i < len(sizes):
+            size = sizes[i]
+            run = 1
+            while (i + run < len(sizes) and sizes[i + run] == size and run < 32
+                   and (run + 1) * size <= 65000):
+                run += 1
+            data = b"".join(burst_datagram(i + k, size) for k in range(run))
+            sent = False
+            if run > 1 and size > 0:
+                try:
+                    s.sendmsg([data], [(socket.SOL_UDP, 103, struct.pack("=H", size))], 0, peer)
+                    sent, segmented = True, segmented + run
+                except OSError:
+                    pass
+            if not sent:
+                for k in range(run):
+                    s.sendto(burst_datagram(i + k, size), peer)
+            i += run
+            time.sleep(0.002)  # pacing: a run at a time into the stack's socket buffer
+        out({"peer": peer[0], "sent": len(sizes), "segmented": segmented})
+
+
 # ------------------------------------------------------------------------------------------
 # Clients
 # ------------------------------------------------------------------------------------------
@@ -546,6 +593,38 @@ def cli_udp_echo(host, port, sizes, bind_port=0):
     out({"local_port": s.getsockname()[1], "results": results})
 
 
+def cli_udp_burst(host, port, bind_port, *spec):
+    """Asks HOST:PORT for a burst (see srv_udp_burst) and checks what arrives: every datagram,
+    in order, each byte as sent."""
+    sizes = burst_sizes(spec)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE (root)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    s.bind(("0.0.0.0", int(bind_port)))
+    s.settimeout(5)
+    s.sendto(" ".join(spec).encode(), (host, int(port)))
+    got, bad, stray = 0, [], 0
+    try:
+        while got < len(sizes):
+            b, peer = s.recvfrom(65535)
+            if peer != (host, int(port)):
+                stray += 1
+                continue
+            want = burst_datagram(got, sizes[got])
+            if b != want:
+                bad.append({"index": got, "want_len": len(want), "got_len": len(b),
+                            "got_head": b[:8].hex()})
+                if len(bad) > 10:
+                    break
+            got += 1
+    except socket.timeout:
+        pass
+    out({"expected": len(sizes), "received": got, "bad": bad, "stray": stray,
+         "ok": got == len(sizes) and not bad})
+
+
 def cli_udp_refused(host, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((host, int(port)))
@@ -769,6 +848,7 @@ COMMANDS = {
     "tcp-rst": srv_tcp_rst,
     "tcp-observe": srv_tcp_observe,
     "udp-echo": srv_udp_echo,
+    "udp-burst": srv_udp_burst,
     "connect": cli_connect,
     "connect-many": cli_connect_many,
     "connect-reuse": cli_connect_reuse,
@@ -781,6 +861,7 @@ COMMANDS = {
     "echo-many": cli_echo_many,
     "echo-rounds": cli_echo_rounds,
     "udp-refused": cli_udp_refused,
+    "udp-burst-client": cli_udp_burst,
     "craft": cli_craft,
     "tap-bridge": tap_bridge,
 }

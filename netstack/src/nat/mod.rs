@@ -151,6 +151,9 @@ pub struct FlowCounters {
     pub buffers_released: AtomicU64,
     /// TCP: bulk connections moved to another worker thread ([`Nat::add_workers`]).
     pub moved: AtomicU64,
+    /// UDP: datagrams that went to a guest gathered with others in one frame (UDP
+    /// segmentation offload).
+    pub gathered: AtomicU64,
 }
 
 /// One count of a gauge of [`FlowCounters`] (`open`, `connecting`), given back when dropped:
@@ -216,6 +219,8 @@ pub struct FlowStats {
     pub buffers_released: u64,
     /// TCP: bulk connections moved to another worker thread.
     pub moved: u64,
+    /// UDP: datagrams that went to a guest gathered with others in one frame.
+    pub gathered: u64,
 }
 
 impl FlowCounters {
@@ -244,6 +249,7 @@ impl FlowCounters {
             drop_limit: g(&self.drop_limit),
             buffers_released: g(&self.buffers_released),
             moved: g(&self.moved),
+            gathered: g(&self.gathered),
         }
     }
 }

@@ -6,8 +6,15 @@
 //! on to the guest, from the address that reported them, as a router would. The guest's TTL
 //! is carried over, less one, so traceroute works through the NAT.
 //!
+//! Towards a guest whose port takes offloaded frames, datagrams of one size that the host
+//! socket holds one after the other go in one frame ([`Partial::segment`]: UDP segmentation
+//! offload, as GRO would gather them), which the guest's kernel cuts apart: one write, one
+//! trip through the switch and one set of headers for up to 64 datagrams.
+//!
 //! The socket helpers shared with the ICMP NAT (error queue, errno and ICMP translation, TTL)
 //! live here too.
+//!
+//! [`Partial::segment`]: crate::offload::Partial::segment
 
 use std::cell::RefCell;
 use std::io;
@@ -26,6 +33,7 @@ use tokio::time::Instant;
 
 use super::uplink::{IcmpError, Original, UDP_HEADROOM};
 use super::{FlowCounters, Shared, Target};
+use crate::frame::IPV4_HEADER_LEN;
 use crate::MacAddr;
 
 /// Flows at most; datagrams that would open more are dropped (`drop_limit`).
@@ -38,6 +46,18 @@ pub(crate) const MAX_DATAGRAM: usize = 65507;
 const RECV_BUF: usize = 65536;
 /// Datagrams or errors handled per wake-up before other branches get a turn.
 const BATCH: usize = 64;
+/// Datagrams sent to a guest in one frame at most (UDP segmentation offload).
+const SEGMENTS: usize = 64;
+
+/// Datagrams of one size received one after the other, for one frame to the guest.
+#[derive(Default)]
+struct Group {
+    /// The size of each (the first one's; a shorter one ends the group).
+    segment: usize,
+    count: usize,
+    /// All of them together.
+    bytes: usize,
+}
 
 /// A UDP flow: the guest's address and port, and the destination's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -260,6 +280,9 @@ fn route_flow(shared: &Arc<Shared>, src_mac: MacAddr, key: Key, ttl: u8, payload
         id,
         guest_mac: src_mac,
         partial: shared.offload_guest(src_mac),
+        // The guest's port cuts such frames apart where its kernel does not, and the switch
+        // for ports that take no large frames.
+        segments: shared.offload_guest(src_mac),
         target,
         host,
     };
@@ -310,6 +333,8 @@ struct Flow {
     guest_mac: MacAddr,
     /// The guest takes UDP checksums left partial (see [`Shared::offload_guest`]).
     partial: bool,
+    /// The guest takes several datagrams in one frame (UDP segmentation offload).
+    segments: bool,
     /// The host side's destination (the host address mapped to 127.0.0.1).
     target: SocketAddrV4,
     host: Arc<HostSide>,
@@ -484,35 +509,72 @@ impl Flow {
     }
 
     /// Carry the host socket's datagrams to the guest; whether any arrived.
+    ///
+    /// Datagrams are received in place, after room for their headers, into one chunk per
+    /// wake-up that the frames then share. For a guest that takes UDP segmentation offload
+    /// ([`Flow::segments`]), datagrams of one size that follow each other go to the guest as
+    /// one frame (as UDP GRO would gather them), which its kernel cuts apart: one write and
+    /// one trip through the switch for up to [`SEGMENTS`] datagrams.
     fn receive(&mut self) -> bool {
         let mut any = false;
-        // Datagrams are received in place, after room for their headers, into one chunk
-        // per wake-up that the frames then share.
         let mut chunk = BytesMut::new();
+        let mut group = Group::default();
+        let max_segment = if self.segments {
+            self.shared.uplink.mtu() - IPV4_HEADER_LEN - UDP_HEADER_LEN
+        } else {
+            0
+        };
         for _ in 0..BATCH {
-            let (shared, key, mac, partial) =
-                (&self.shared, self.key, self.guest_mac, self.partial);
-            if chunk.capacity() < UDP_HEADROOM + RECV_BUF {
-                chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
+            if chunk.capacity() - chunk.len() < RECV_BUF {
+                self.flush(&mut chunk, &mut group);
             }
-            chunk.resize(UDP_HEADROOM, 0);
-            let r = self.host.sock.try_recv_buf(&mut chunk).inspect(|&n| {
-                let frame = chunk.split_to(UDP_HEADROOM + n);
-                // Replies come from the address the guest sent to, not the one we talked to.
-                shared
-                    .uplink
-                    .send_udp_frame(mac, key.dst, key.guest, frame, partial);
-            });
-            if r.is_err() {
-                chunk.clear();
+            if group.count == 0 {
+                if chunk.capacity() < UDP_HEADROOM + RECV_BUF {
+                    chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
+                }
+                chunk.resize(UDP_HEADROOM, 0);
             }
-            match r {
+            match self.host.sock.try_recv_buf(&mut chunk) {
                 Ok(n) => {
-                    FlowCounters::add(&shared.udp_counters.bytes_to_guest, n as u64);
+                    FlowCounters::add(&self.shared.udp_counters.bytes_to_guest, n as u64);
                     any = true;
+                    if group.count == 0 {
+                        group = Group {
+                            segment: n,
+                            count: 1,
+                            bytes: n,
+                        };
+                    } else if n <= group.segment
+                        && group.count < SEGMENTS
+                        && group.bytes + n <= MAX_DATAGRAM
+                    {
+                        group.count += 1;
+                        group.bytes += n;
+                        if n < group.segment {
+                            // A shorter one can only be the last.
+                            self.flush(&mut chunk, &mut group);
+                        }
+                    } else {
+                        // Not one of the group: it starts the next (after its own headroom).
+                        let late = chunk.split_off(UDP_HEADROOM + group.bytes);
+                        self.flush(&mut chunk, &mut group);
+                        chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
+                        chunk.resize(UDP_HEADROOM, 0);
+                        chunk.extend_from_slice(&late);
+                        group = Group {
+                            segment: n,
+                            count: 1,
+                            bytes: n,
+                        };
+                    }
+                    if group.segment == 0 || group.segment > max_segment {
+                        // Empty, or too long to ride with others: on its own.
+                        self.flush(&mut chunk, &mut group);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
+                    chunk.truncate(UDP_HEADROOM + group.bytes);
                     // An ICMP error reported through recv: its details are in the error queue.
                     if self.drain_errors() == 0 {
                         self.report(HostError::local(&e));
@@ -520,7 +582,26 @@ impl Flow {
                 }
             }
         }
+        self.flush(&mut chunk, &mut group);
         any
+    }
+
+    /// Send the guest the datagrams of `group`, received into `chunk` after its headroom.
+    fn flush(&self, chunk: &mut BytesMut, group: &mut Group) {
+        let g = std::mem::take(group);
+        if g.count == 0 {
+            return;
+        }
+        debug_assert!(g.count == 1 || g.segment <= usize::from(u16::MAX));
+        let frame = chunk.split_to(UDP_HEADROOM + g.bytes);
+        // Replies come from the address the guest sent to, not the one we talked to.
+        let (uplink, key, mac) = (&self.shared.uplink, self.key, self.guest_mac);
+        if g.count == 1 {
+            uplink.send_udp_frame(mac, key.dst, key.guest, frame, self.partial);
+        } else {
+            FlowCounters::add(&self.shared.udp_counters.gathered, g.count as u64);
+            uplink.send_udp_segments(mac, key.dst, key.guest, frame, g.segment as u16);
+        }
     }
 
     /// Send the guest the ICMP error `e` (if it is one to pass on) about its last datagram.

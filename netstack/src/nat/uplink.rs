@@ -157,6 +157,49 @@ impl Uplink {
         (self.sink)(frame.freeze(), partial);
     }
 
+    /// Send datagrams from `src` to a guest at `dst` in one frame (UDP segmentation
+    /// offload): their payloads lie one after the other in `frame` after [`UDP_HEADROOM`]
+    /// bytes, each `segment` bytes but the last, which may be shorter. Only for a guest that
+    /// takes such frames, with `segment` plus headers within the MTU and at most 65,507 bytes
+    /// in all.
+    pub(crate) fn send_udp_segments(
+        &self,
+        dst_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        mut frame: BytesMut,
+        segment: u16,
+    ) {
+        let n = frame.len() - UDP_HEADROOM;
+        write_ethernet(&mut frame, self.mac, dst_mac);
+        let mut caps = ChecksumCapabilities::default();
+        caps.udp = smoltcp::phy::Checksum::None;
+        write_ipv4(
+            &mut frame[ETHERNET_HEADER_LEN..],
+            *src.ip(),
+            *dst.ip(),
+            IpProtocol::Udp,
+            UDP_HEADER_LEN + n,
+            false,
+            |p| {
+                UdpRepr {
+                    src_port: src.port(),
+                    dst_port: dst.port(),
+                }
+                .emit(
+                    &mut UdpPacket::new_unchecked(p),
+                    &IpAddress::Ipv4(*src.ip()),
+                    &IpAddress::Ipv4(*dst.ip()),
+                    n,
+                    |_| {}, // the payload is in place
+                    &caps,
+                )
+            },
+        );
+        let partial = Partial::leave(&mut frame).map(|p| Partial { segment, ..p });
+        (self.sink)(frame.freeze(), partial);
+    }
+
     /// Send a UDP datagram from `src` to a guest at `dst`.
     pub(crate) fn send_udp(
         &self,
