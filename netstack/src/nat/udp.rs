@@ -567,8 +567,13 @@ impl Flow {
                             bytes: n,
                         };
                     }
-                    if group.segment == 0 || group.segment > max_segment {
-                        // Empty, or too long to ride with others: on its own.
+                    if group.segment == 0
+                        || group.segment > max_segment
+                        || group.count == SEGMENTS
+                        || group.bytes + group.segment > MAX_DATAGRAM
+                    {
+                        // Empty, too long to ride with others, or no room for another of its
+                        // size: sent now (the next one starts a group of its own, in place).
                         self.flush(&mut chunk, &mut group);
                     }
                 }
