@@ -1446,7 +1446,8 @@ const BURST: &[&str] = &[
 
 /// Host datagrams in bursts reach the guest's kernel whole and in order: with the tap's offload
 /// (runs of one size gathered into frames of several datagrams, which the guest's kernel cuts
-/// apart), with the capture on as well, and without offload (one frame each).
+/// apart), with the capture on as well, and without offload (one frame each). The guest's
+/// bursts reach a host server whole and in order too, runs sent out together.
 #[test]
 fn udp_bursts_reach_the_guest_whole_and_in_order() {
     let pcap = std::env::temp_dir().join(format!("usernet-udp-burst-{}.pcap", std::process::id()));
@@ -1482,13 +1483,34 @@ fn udp_bursts_reach_the_guest_whole_and_in_order() {
                 srv.describe()
             ));
         }
+        // And the other way: the guest's burst reaches a host server whole and in order, runs
+        // of one size sent out of the host socket together (UDP_SEGMENT) from the tap's thread.
+        let mut collect = rig.tool_server(&rig.d, &["udp-collect", "127.0.0.1", "9012"], 'u', 9012);
+        let mut args = vec!["udp-burst-send", HOST, "9012", "40201"];
+        args.extend_from_slice(BURST);
+        let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
+        if v.get("ok") != Some(&Value::Bool(true)) || u(&v, "received") != count as u64 {
+            rig.fail(format!(
+                "{label}: the host server should receive all {count} datagrams of the guest's \
+                 burst in order, byte for byte: {v}\n{}\n{}",
+                out.describe(),
+                collect.describe()
+            ));
+        }
         let st = rig.daemon.stats();
-        let gathered = stat_u64(&st, "udp.gathered").unwrap_or(0);
+        rig.check(
+            stat_u64(&st, "udp.gathered_from_guest").is_some_and(|n| n > 0),
+            format!("{label}: runs from the guest should leave gathered: {st}"),
+        );
+        let gathered = stat_u64(&st, "udp.gathered_to_guest").unwrap_or(0);
         let cut = stat_u64(&st, "switch.large_frames_cut").unwrap_or(u64::MAX);
         if gathers {
             rig.check(
                 gathered > 0,
-                format!("{label}: runs of one size should go out gathered (udp.gathered): {st}"),
+                format!(
+                    "{label}: runs of one size should go out gathered (udp.gathered_to_guest): \
+                     {st}"
+                ),
             );
             // Linux 6.2 and later cut them itself (UDP GSO from the tap); before, the tap does.
             let log = std::fs::read_to_string(rig.daemon.log_path()).unwrap_or_default();

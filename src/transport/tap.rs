@@ -264,6 +264,8 @@ pub fn start(
         };
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
             QUEUE.with(|q| q.set(Some((tap, i))));
+            // The reader flushes them whenever the device has no more frames.
+            netstack::nat::gather_udp_sends();
             runtime.block_on(serve(egress, thread_port, rx, &ended));
             drop(worker);
         });
@@ -666,7 +668,17 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                 };
                 let waited = tokio::time::timeout(
                     LIVENESS,
-                    fd.async_io(Interest::READABLE, |_| read(&mut buf)),
+                    fd.async_io(Interest::READABLE, |_| {
+                        let r = read(&mut buf);
+                        if r.as_ref()
+                            .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+                        {
+                            // Nothing more for now: the guest's datagrams held to go out
+                            // together go before this thread waits.
+                            netstack::nat::flush_udp_sends();
+                        }
+                        r
+                    }),
                 )
                 .await;
                 // A deleted device wakes no reader: after a quiet while, read once anyway,

@@ -311,6 +311,32 @@ def srv_udp_burst(bind, port):
         out({"peer": peer[0], "sent": len(sizes), "segmented": segmented})
 
 
+def srv_udp_collect(bind, port):
+    """Takes bursts (see cli_udp_burst_send): datagram i must be burst_datagram(i, size); an
+    `END n` datagram answers its sender with the verdict on the n before it, and starts over."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE (root)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    s.bind((bind, int(port)))
+    got, bad = [], []
+    while True:
+        b, peer = s.recvfrom(65535)
+        if b.startswith(b"END "):
+            n = int(b[4:])
+            verdict = {"expected": n, "received": len(got), "bad": bad[:10],
+                       "ok": len(got) == n and not bad}
+            s.sendto(json.dumps(verdict).encode(), peer)
+            out(verdict)
+            got, bad = [], []
+            continue
+        i = len(got)
+        if b != burst_datagram(i, len(b)):
+            bad.append({"at": i, "len": len(b), "head": b[:8].hex()})
+        got.append(len(b))
+
+
 # ------------------------------------------------------------------------------------------
 # Clients
 # ------------------------------------------------------------------------------------------
@@ -625,6 +651,44 @@ def cli_udp_burst(host, port, bind_port, *spec):
          "ok": got == len(sizes) and not bad})
 
 
+def cli_udp_burst_send(host, port, bind_port, *spec):
+    """Sends a burst (see srv_udp_burst: runs of one size at once with UDP_SEGMENT where the
+    kernel takes it) to an udp-collect server, then `END n`, and prints its verdict."""
+    sizes = burst_sizes(spec)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(bind_port)))
+    s.settimeout(5)
+    dst = (host, int(port))
+    i, segmented = 0, 0
+    while i < len(sizes):
+        size = sizes[i]
+        run = 1
+        while (i + run < len(sizes) and sizes[i + run] == size and run < 32
+               and (run + 1) * size <= 65000):
+            run += 1
+        data = b"".join(burst_datagram(i + k, size) for k in range(run))
+        sent = False
+        if run > 1 and size > 0:
+            try:
+                s.sendmsg([data], [(socket.SOL_UDP, 103, struct.pack("=H", size))], 0, dst)
+                sent, segmented = True, segmented + run
+            except OSError:
+                pass
+        if not sent:
+            for k in range(run):
+                s.sendto(burst_datagram(i + k, size), dst)
+        i += run
+        time.sleep(0.002)  # pacing: a run at a time into the guest's tap queue
+    s.sendto(b"END %d" % len(sizes), dst)
+    try:
+        b, _ = s.recvfrom(65535)
+        verdict = json.loads(b)
+    except socket.timeout:
+        verdict = {"ok": False, "error": "no verdict within 5 s"}
+    verdict["segmented"] = segmented
+    out(verdict)
+
+
 def cli_udp_refused(host, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((host, int(port)))
@@ -849,6 +913,7 @@ COMMANDS = {
     "tcp-observe": srv_tcp_observe,
     "udp-echo": srv_udp_echo,
     "udp-burst": srv_udp_burst,
+    "udp-collect": srv_udp_collect,
     "connect": cli_connect,
     "connect-many": cli_connect_many,
     "connect-reuse": cli_connect_reuse,
@@ -862,6 +927,7 @@ COMMANDS = {
     "echo-rounds": cli_echo_rounds,
     "udp-refused": cli_udp_refused,
     "udp-burst-client": cli_udp_burst,
+    "udp-burst-send": cli_udp_burst_send,
     "craft": cli_craft,
     "tap-bridge": tap_bridge,
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{MacAddr, Routed};
+pub use udp::{flush_sends as flush_udp_sends, gather_sends as gather_udp_sends};
 pub use uplink::FrameSink;
 use uplink::Uplink;
 pub use workers::{Task, Workers};
@@ -153,7 +154,10 @@ pub struct FlowCounters {
     pub moved: AtomicU64,
     /// UDP: datagrams that went to a guest gathered with others in one frame (UDP
     /// segmentation offload).
-    pub gathered: AtomicU64,
+    pub gathered_to_guest: AtomicU64,
+    /// UDP: datagrams from a guest sent out with others in one call (UDP segmentation
+    /// offload).
+    pub gathered_from_guest: AtomicU64,
 }
 
 /// One count of a gauge of [`FlowCounters`] (`open`, `connecting`), given back when dropped:
@@ -220,7 +224,9 @@ pub struct FlowStats {
     /// TCP: bulk connections moved to another worker thread.
     pub moved: u64,
     /// UDP: datagrams that went to a guest gathered with others in one frame.
-    pub gathered: u64,
+    pub gathered_to_guest: u64,
+    /// UDP: datagrams from a guest sent out with others in one call.
+    pub gathered_from_guest: u64,
 }
 
 impl FlowCounters {
@@ -249,7 +255,8 @@ impl FlowCounters {
             drop_limit: g(&self.drop_limit),
             buffers_released: g(&self.buffers_released),
             moved: g(&self.moved),
-            gathered: g(&self.gathered),
+            gathered_to_guest: g(&self.gathered_to_guest),
+            gathered_from_guest: g(&self.gathered_from_guest),
         }
     }
 }

@@ -136,17 +136,148 @@ pub(crate) fn route_fast(
             _ => None,
         }
     };
-    if let Some(host) = host {
+    let Some(host) = host else {
+        flush_sends();
+        shared.learn(*src.ip(), src_mac);
+        return route_flow(shared, src_mac, key, ttl, payload);
+    };
+    if GATHERING.get() && !payload.is_empty() && payload.len() <= MAX_SEGMENT {
+        SENDS.with_borrow_mut(|held| {
+            if let Some(h) = held.as_mut().filter(|h| h.takes(&key, ttl, payload.len())) {
+                h.bytes += payload.len();
+                let last = payload.len() < h.segment;
+                h.datagrams.push(payload);
+                if last || h.datagrams.len() == SEGMENTS || h.bytes + h.segment > MAX_DATAGRAM {
+                    held.take().unwrap().send();
+                }
+                return;
+            }
+            if let Some(h) = held.take() {
+                h.send();
+            }
+            *held = Some(Held {
+                shared: Arc::clone(shared),
+                src_mac,
+                key,
+                host,
+                ttl,
+                segment: payload.len(),
+                bytes: payload.len(),
+                datagrams: vec![payload],
+            });
+        });
+        return;
+    }
+    flush_sends();
+    send_now(shared, src_mac, key, &host, ttl, payload);
+}
+
+/// Send a guest datagram out of its flow's host socket, or hand it to the flow's task when
+/// the socket does not take it (the task sends it again and reports the error).
+fn send_now(
+    shared: &Arc<Shared>,
+    src_mac: MacAddr,
+    key: Key,
+    host: &HostSide,
+    ttl: u8,
+    payload: Bytes,
+) {
+    host.set_ttl(ttl);
+    host.set_last(ttl, payload.len());
+    if host.sock.send(&payload).is_ok() {
+        FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
+        host.active.store(true, Ordering::Relaxed);
+        return;
+    }
+    shared.learn(*key.guest.ip(), src_mac);
+    route_flow(shared, src_mac, key, ttl, payload);
+}
+
+/// The largest guest datagram held to go out with others (a larger one goes alone).
+const MAX_SEGMENT: usize = 16384;
+
+thread_local! {
+    /// This thread holds guest datagrams to send several in one call ([`gather_sends`]).
+    static GATHERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The datagrams held.
+    static SENDS: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// From now on this thread holds the guest datagrams of one flow that come one after the
+/// other on the fast path (same size, the last may be shorter), and sends them in one call
+/// (UDP segmentation offload) when a datagram of another kind comes or [`flush_sends`] is
+/// called, which the thread must do before it waits for anything (a port's reader, when its
+/// device has no more frames for now).
+pub fn gather_sends() {
+    GATHERING.set(true);
+}
+
+/// Send the guest datagrams this thread holds ([`gather_sends`]).
+pub fn flush_sends() {
+    if let Some(h) = SENDS.with_borrow_mut(Option::take) {
+        h.send();
+    }
+}
+
+/// Guest datagrams of one flow held to go out in one call.
+struct Held {
+    shared: Arc<Shared>,
+    src_mac: MacAddr,
+    key: Key,
+    host: Arc<HostSide>,
+    ttl: u8,
+    /// The size of each but the last.
+    segment: usize,
+    /// All of them together.
+    bytes: usize,
+    datagrams: Vec<Bytes>,
+}
+
+impl Held {
+    /// May a datagram of `len` bytes of flow `key` with `ttl` join?
+    fn takes(&self, key: &Key, ttl: u8, len: usize) -> bool {
+        self.key == *key
+            && self.ttl == ttl
+            && len <= self.segment
+            && self.datagrams.len() < SEGMENTS
+            && self.bytes + len <= MAX_DATAGRAM
+    }
+
+    fn send(self) {
+        let Held {
+            shared,
+            src_mac,
+            key,
+            host,
+            ttl,
+            segment,
+            bytes,
+            mut datagrams,
+        } = self;
+        if datagrams.len() == 1 {
+            let d = datagrams.pop().unwrap();
+            return send_now(&shared, src_mac, key, &host, ttl, d);
+        }
         host.set_ttl(ttl);
-        host.set_last(ttl, payload.len());
-        if host.sock.send(&payload).is_ok() {
-            FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
-            host.active.store(true, Ordering::Relaxed);
-            return;
+        host.set_last(ttl, datagrams.last().map_or(0, Bytes::len));
+        let c = &shared.udp_counters;
+        match host.sock.send_segments(&datagrams, segment as u16) {
+            Ok(()) => {
+                FlowCounters::add(&c.bytes_from_guest, bytes as u64);
+                FlowCounters::add(&c.gathered_from_guest, datagrams.len() as u64);
+                host.active.store(true, Ordering::Relaxed);
+            }
+            // Not taken together (a kernel without UDP_SEGMENT, a path MTU below the size,
+            // an error pending from an earlier datagram): one by one through the flow's task,
+            // which reports what fails.
+            Err(_) => {
+                shared.learn(*key.guest.ip(), src_mac);
+                for d in datagrams {
+                    route_flow(&shared, src_mac, key, ttl, d);
+                }
+            }
         }
     }
-    shared.learn(*src.ip(), src_mac);
-    route_flow(shared, src_mac, key, ttl, payload);
 }
 
 /// A guest datagram on its way to the host socket.
@@ -166,6 +297,8 @@ pub(crate) fn route(
     ttl: u8,
     payload: Bytes,
 ) {
+    // Datagrams held on this thread go first.
+    flush_sends();
     let c = &shared.udp_counters;
     if payload.len() > MAX_DATAGRAM {
         FlowCounters::inc(&c.drop_malformed);
@@ -261,8 +394,19 @@ fn route_flow(shared: &Arc<Shared>, src_mac: MacAddr, key: Key, ttl: u8, payload
             FlowCounters::inc(&c.drop_limit);
             return;
         }
-        // Cannot fail: the channel is new and empty.
-        let _ = tx.try_send(datagram);
+        // The first datagram goes out now, so that the flow's queue stays empty and what
+        // follows takes the fast path (a burst at a flow's start no longer fills the queue
+        // while the task has not run yet); one the socket does not take goes to the task,
+        // which sends it again and reports the error.
+        host.set_ttl(ttl);
+        host.set_last(ttl, datagram.payload.len());
+        if host.sock.send(&datagram.payload).is_ok() {
+            FlowCounters::add(&c.bytes_from_guest, datagram.payload.len() as u64);
+            host.active.store(true, Ordering::Relaxed);
+        } else {
+            // Cannot fail: the channel is new and empty.
+            let _ = tx.try_send(datagram);
+        }
         flows.insert(
             key,
             FlowHandle {
@@ -604,7 +748,7 @@ impl Flow {
         if g.count == 1 {
             uplink.send_udp_frame(mac, key.dst, key.guest, frame, self.partial);
         } else {
-            FlowCounters::add(&self.shared.udp_counters.gathered, g.count as u64);
+            FlowCounters::add(&self.shared.udp_counters.gathered_to_guest, g.count as u64);
             uplink.send_udp_segments(mac, key.dst, key.guest, frame, g.segment as u16);
         }
     }
