@@ -339,8 +339,12 @@ impl Switch {
         if let Some(capture) = self.capture.get() {
             match partial {
                 // Several datagrams in one frame stay so, partial (a port cuts them apart or
-                // hands them on whole); the capture gets the frame with its checksum done.
-                Some(p) if p.segment > 0 => capture.record(&complete(frame.clone(), Some(p))),
+                // hands them on whole); the capture gets the datagrams, as the guest does.
+                Some(p) if p.segment > 0 => {
+                    for d in cut_datagrams(&frame, p).unwrap_or_default() {
+                        capture.record(&d);
+                    }
+                }
                 _ => {
                     frame = complete(frame, partial.take());
                     capture.record(&frame);
@@ -366,10 +370,15 @@ impl Switch {
             }
         }
         if dst[0] & 1 == 1 {
-            let frame = complete(frame, partial);
+            let frames = match partial.filter(|p| p.segment > 0) {
+                Some(p) => self.cut(&frame, p),
+                None => vec![complete(frame, partial)],
+            };
             for (id, port) in st.ports.iter() {
                 if *id != from {
-                    self.enqueue(port, frame.clone());
+                    for f in &frames {
+                        self.enqueue(port, f.clone());
+                    }
                 }
             }
             return;
@@ -383,15 +392,12 @@ impl Switch {
                 // Outside the lock: the fast path and cutting large frames take a while.
                 let (tx, large, fast) = (port.tx.clone(), port.large, port.fast.clone());
                 drop(st);
-                // Several datagrams in one frame, for a port that takes no large frames: cut
-                // apart (below), however short the frame.
-                let cut_datagrams = (!large)
-                    .then_some(partial)
-                    .flatten()
-                    .filter(|p| p.segment > 0);
+                // Several datagrams in one frame: whole only to a port that takes large frames
+                // through its fast path, else cut apart (below), however short the frame.
+                let datagrams = partial.filter(|p| p.segment > 0);
                 // A large frame for a port that takes none is cut first (below).
-                if let Some(fast) = fast
-                    .filter(|_| cut_datagrams.is_none() && (large || frame.len() <= self.max_frame))
+                if let Some(fast) =
+                    fast.filter(|_| large || (datagrams.is_none() && frame.len() <= self.max_frame))
                 {
                     if fast(&frame, partial) {
                         if frame.len() > self.max_frame {
@@ -402,16 +408,9 @@ impl Switch {
                         return;
                     }
                 }
-                if let Some(p) = cut_datagrams {
-                    SwitchCounters::bump(&c.large_frames);
-                    match netstack::offload::segment_udp4(&frame, usize::from(p.segment)) {
-                        Some(datagrams) => {
-                            SwitchCounters::bump(&c.large_frames_cut);
-                            for d in datagrams {
-                                self.enqueue_to(&tx, large, d);
-                            }
-                        }
-                        None => SwitchCounters::bump(&c.drop_oversize),
+                if let Some(p) = datagrams {
+                    for d in self.cut(&frame, p) {
+                        self.enqueue_to(&tx, large, d);
                     }
                     return;
                 }
@@ -425,6 +424,23 @@ impl Switch {
             None => {
                 st.forget(&dst);
                 SwitchCounters::bump(&c.drop_unknown_unicast);
+            }
+        }
+    }
+
+    /// The datagrams of a frame that carries several (`p.segment`), counted; none (counted
+    /// as oversize) when it does not hold together.
+    fn cut(&self, frame: &[u8], p: Partial) -> Vec<Bytes> {
+        let c = &self.counters;
+        SwitchCounters::bump(&c.large_frames);
+        match cut_datagrams(frame, p) {
+            Some(datagrams) => {
+                SwitchCounters::bump(&c.large_frames_cut);
+                datagrams
+            }
+            None => {
+                SwitchCounters::bump(&c.drop_oversize);
+                Vec::new()
             }
         }
     }
@@ -496,6 +512,11 @@ impl PortTx {
 
 /// `frame` with its partial checksum (if any) completed: in place when nothing else holds
 /// the frame, in a copy otherwise.
+/// The datagrams of a frame that carries several ([`Partial::segment`]), whole.
+fn cut_datagrams(frame: &[u8], p: Partial) -> Option<Vec<Bytes>> {
+    netstack::offload::segment_udp4(frame, usize::from(p.segment))
+}
+
 fn complete(frame: Bytes, partial: Option<Partial>) -> Bytes {
     let Some(p) = partial else {
         return frame;

@@ -608,3 +608,138 @@ async fn sprayed_source_addresses_do_not_wipe_the_neighbours() {
     assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().dst_addr(), GUEST);
     forward.abort();
 }
+
+/// Host datagrams that a flow's socket holds one after the other reach a guest that takes
+/// offloaded frames gathered by size: a run of one size in one frame (`Partial::segment`),
+/// a shorter one ending its run, an empty one on its own (never swallowed by a run), one
+/// longer than the run's starting a new one, one too long for the MTU alone (fragmented).
+/// Cut apart, the frames give back every datagram in order.
+#[tokio::test]
+async fn host_datagrams_are_gathered_by_size_for_an_offload_guest() {
+    use netstack::nat::LargeSegments;
+    use netstack::offload::Partial;
+    let mut config = NatConfig::new(GW_MAC, MTU, Ipv4Addr::new(192, 168, 5, 0), 24, HOST, DNS);
+    config.large_segments = Some(LargeSegments(Arc::new(|_| true)));
+    let (tx, mut frames) = mpsc::unbounded_channel::<(Bytes, Option<Partial>)>();
+    let nat = Nat::new(
+        config,
+        Arc::new(move |f: Bytes, p| {
+            let _ = tx.send((f, p));
+        }),
+    );
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let dst = SocketAddrV4::new(HOST, server.local_addr().unwrap().port());
+    nat.route(Routed::Udp {
+        src_mac: GUEST_MAC,
+        src: SocketAddrV4::new(GUEST, 40300),
+        dst,
+        ttl: 64,
+        payload: b"open".to_vec(),
+    });
+    let mut buf = [0u8; 2048];
+    let (_, flow) = server.recv_from(&mut buf).expect("the guest's datagram");
+    // Sent back to back without yielding: all queued on the flow's socket before it reads.
+    let sizes = [800, 800, 0, 800, 800, 300, 1472, 2000, 600];
+    let sent: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+        .collect();
+    for d in &sent {
+        server.send_to(d, flow).unwrap();
+    }
+    // What reaches the guest, cut apart and reassembled.
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut segments = Vec::new();
+    let mut reassembler = Reassembler::new(ReassemblyConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < sent.len() {
+        let Ok(Some((frame, partial))) = tokio::time::timeout_at(deadline, frames.recv()).await
+        else {
+            panic!("only {} of {} datagrams: {got:?}", got.len(), sent.len());
+        };
+        let pieces = match partial.filter(|p| p.segment > 0) {
+            Some(p) => {
+                segments.push((usize::from(p.segment), frame.len()));
+                netstack::offload::segment_udp4(&frame, usize::from(p.segment))
+                    .expect("a frame of datagrams that holds together")
+            }
+            None => vec![frame],
+        };
+        for piece in pieces {
+            let ip = Ipv4Packet::new_checked(&piece[14..]).expect("ipv4");
+            let ip = &piece[14..14 + usize::from(ip.total_len())];
+            let whole = match reassembler.push(ip, Instant::now()) {
+                Reassembly::NotFragment => ip.to_vec(),
+                Reassembly::Complete(p) => p,
+                Reassembly::Pending => continue,
+                Reassembly::Dropped(why) => panic!("fragment dropped: {why}"),
+            };
+            let ip = Ipv4Packet::new_checked(&whole[..]).unwrap();
+            let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+            got.push(udp.payload().to_vec());
+        }
+    }
+    let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        lens, sizes,
+        "every datagram, in order, none merged or swallowed"
+    );
+    assert_eq!(got, sent);
+    // 800+800 (ended by the empty one), 800+800+300; the rest alone.
+    assert_eq!(
+        segments,
+        [(800, 14 + 28 + 1600), (800, 14 + 28 + 1900)],
+        "runs gathered"
+    );
+    assert_eq!(nat.stats().udp.gathered_to_guest, 5);
+}
+
+/// A guest's datagrams on the fast path, from a thread that gathers them (a tap's reader):
+/// runs of one size leave in one call, and the host gets every datagram in order, whole,
+/// whatever the sizes (an empty one, a longer one, one over 16 KiB that goes alone).
+#[tokio::test]
+async fn guest_datagrams_gathered_on_the_fast_path_arrive_in_order() {
+    let h = Harness::new();
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let dst = SocketAddrV4::new(HOST, server.local_addr().unwrap().port());
+    let sizes = [
+        1000, 1000, 1000, 0, 1000, 1000, 500, 2000, 20000, 1000, 1000,
+    ];
+    let sent: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| (i * 17 + j) as u8).collect())
+        .collect();
+    netstack::nat::gather_udp_sends();
+    for d in &sent {
+        h.nat.route_udp(
+            GUEST_MAC,
+            SocketAddrV4::new(GUEST, 40301),
+            dst,
+            64,
+            Bytes::from(d.clone()),
+        );
+    }
+    netstack::nat::flush_udp_sends();
+    let mut buf = vec![0u8; 65536];
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let n = server
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("after {} datagrams: {e}: {:?}", got.len(), h.nat.stats()));
+        got.push(buf[..n].to_vec());
+    }
+    assert_eq!(got, sent, "every datagram, in order, whole");
+    let st = h.nat.stats();
+    assert!(
+        st.udp.gathered_from_guest >= 4,
+        "runs left gathered: {st:?}"
+    );
+}

@@ -683,6 +683,7 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                 .await;
                 // A deleted device wakes no reader: after a quiet while, read once anyway,
                 // which fails (EBADFD) when the device is gone.
+                let quiet = waited.is_err();
                 let r = match waited {
                     Ok(r) => r,
                     Err(_) => match read(&mut buf) {
@@ -690,6 +691,10 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                         r => r,
                     },
                 };
+                if !matches!(r, Ok(n) if n >= hdr) {
+                    // Whatever this is, no frame follows at once: what is held goes now.
+                    netstack::nat::flush_udp_sends();
+                }
                 match r {
                     Ok(0) => return io::Error::other("tap closed"),
                     Ok(n) if n < hdr => port.framing_error(),
@@ -711,6 +716,11 @@ async fn serve(egress: Arc<Egress>, port: PortTx, mut rx: Option<PortRx>, ended:
                         };
                         port.send_partial(frame.freeze(), partial);
                         busy.frame();
+                        if quiet {
+                            // Read after a quiet while, not because the device said so: the
+                            // next read may not come soon.
+                            netstack::nat::flush_udp_sends();
+                        }
                     }
                     // Detached meanwhile: wait until it is attached again.
                     Err(_) if !egress.is_attached() => {}

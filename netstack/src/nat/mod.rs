@@ -73,7 +73,8 @@ pub struct NatConfig {
     pub large_segments: Option<LargeSegments>,
 }
 
-/// Answers whether frames to a guest MAC may carry TCP segments of up to 64 KiB.
+/// Answers whether frames to a guest MAC may carry TCP segments of up to 64 KiB (and several
+/// UDP datagrams in one frame).
 #[derive(Clone)]
 pub struct LargeSegments(pub Arc<dyn Fn(MacAddr) -> bool + Send + Sync>);
 

@@ -569,14 +569,11 @@ impl Conn {
                 let _ = SockRef::from(&stream).shutdown(Shutdown::Write);
                 host_write_open = false;
             }
-            // Host -> guest.
-            let mut drained = false;
-            while host_read_open && !drained && sock.can_send() {
+            // Host -> guest. (Read until the socket says EAGAIN: a short read does not mean
+            // it is drained, e.g. at TCP's urgent mark or a Unix stream's out-of-band byte.)
+            while host_read_open && sock.can_send() {
                 let r = sock.send(|buf| match stream.try_read(buf) {
-                    Ok((n, d)) => {
-                        drained = d;
-                        (n, Ok(n))
-                    }
+                    Ok(n) => (n, Ok(n)),
                     Err(e) => (0, Err(e)),
                 });
                 match r {
@@ -910,10 +907,7 @@ pub(crate) async fn probe(
 /// The host side of a connection: a TCP stream, or a unix stream (forwards from a host unix
 /// socket into the guest).
 pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
-    /// Read without waiting: the bytes read, and whether the socket was found drained (a
-    /// read shorter than `buf`, after which its readiness is cleared as a `WouldBlock` would:
-    /// no second read just to learn that nothing more is there; new data is a new event).
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)>;
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
@@ -926,29 +920,8 @@ pub(crate) trait HostStream: std::os::fd::AsFd + Send + Sync + 'static {
 macro_rules! host_stream {
     ($t:ty) => {
         impl HostStream for $t {
-            fn try_read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-                let fd = self.as_raw_fd();
-                let want = buf.len();
-                let mut short = None;
-                let r = self.try_io(tokio::io::Interest::READABLE, || {
-                    // SAFETY: receiving into `buf`, which we borrow mutably.
-                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want, 0) };
-                    if n < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    let n = n as usize;
-                    if n > 0 && n < want {
-                        // Drained: report it as WouldBlock, so that the readiness is cleared.
-                        short = Some(n);
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                match (r, short) {
-                    (_, Some(n)) => Ok((n, true)),
-                    (Ok(n), None) => Ok((n, false)),
-                    (Err(e), None) => Err(e),
-                }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
             }
             fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
                 <$t>::try_write(self, buf)
@@ -1329,82 +1302,6 @@ impl phy::TxToken for TxToken<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A short read reports the socket drained and clears its readiness without a second
-    /// read; data arriving afterwards is a new event (no wake-up lost), a full read reports
-    /// nothing drained, and the end of the stream reads as 0.
-    #[tokio::test]
-    async fn short_host_reads_clear_readiness_without_losing_wakeups() {
-        use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let stream = TcpStream::from_std(ours).unwrap();
-        let within = Duration::from_secs(5);
-        let mut buf = [0u8; 64];
-
-        peer.write_all(b"a").unwrap();
-        tokio::time::timeout(within, HostStream::readable(&stream))
-            .await
-            .expect("readable")
-            .unwrap();
-        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (1, true));
-        // Cleared: no readiness is left behind the short read...
-        let pending =
-            tokio::time::timeout(Duration::from_millis(50), HostStream::readable(&stream));
-        assert!(
-            pending.await.is_err(),
-            "readiness cleared by the short read"
-        );
-        // ...and what comes next wakes the reader.
-        peer.write_all(b"bc").unwrap();
-        tokio::time::timeout(within, HostStream::readable(&stream))
-            .await
-            .expect("new data is a new event")
-            .unwrap();
-        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (2, true));
-        // A read that fills the buffer says nothing about what is left.
-        peer.write_all(&[7u8; 100]).unwrap();
-        tokio::time::timeout(within, HostStream::readable(&stream))
-            .await
-            .expect("readable")
-            .unwrap();
-        let mut got = 0;
-        let deadline = std::time::Instant::now() + within;
-        while got < 100 {
-            match HostStream::try_read(&stream, &mut buf) {
-                Ok((n, drained)) => {
-                    got += n;
-                    assert_eq!(drained, n < buf.len());
-                    if drained && got < 100 {
-                        tokio::time::timeout(within, HostStream::readable(&stream))
-                            .await
-                            .expect("rest readable")
-                            .unwrap();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::timeout(within, HostStream::readable(&stream))
-                        .await
-                        .expect("rest readable")
-                        .unwrap();
-                }
-                Err(e) => panic!("read: {e}"),
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "all 100 bytes within 5 s"
-            );
-        }
-        assert_eq!(got, 100);
-        drop(peer);
-        tokio::time::timeout(within, HostStream::readable(&stream))
-            .await
-            .expect("end readable")
-            .unwrap();
-        assert_eq!(HostStream::try_read(&stream, &mut buf).unwrap(), (0, false));
-    }
 
     /// The kernel's answer to a nonblocking connect on loopback, as `start_connect` reads it:
     /// a listener accepts within the call (connected, no `SO_ERROR` needed), a closed port

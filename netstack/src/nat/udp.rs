@@ -84,6 +84,9 @@ struct HostSide {
     last: AtomicU64,
     /// A datagram went out on the fast path since the idle timer last looked.
     active: AtomicBool,
+    /// The socket takes several datagrams in one call (`UDP_SEGMENT`); cleared when it
+    /// refuses them for good.
+    segments_ok: AtomicBool,
 }
 
 impl HostSide {
@@ -128,6 +131,17 @@ pub(crate) fn route_fast(
     let Some(payload) = super::forward::deliver_reply(shared, &key, payload) else {
         return; // an answer to a forwarded flow
     };
+    let gather = GATHERING.get() && !payload.is_empty() && payload.len() <= MAX_SEGMENT;
+    // What this thread holds goes first when this datagram cannot join it (before the flow's
+    // queue is looked at: what the held ones leave there, this one must not overtake).
+    let joins = gather
+        && SENDS.with_borrow(|held| {
+            held.as_ref()
+                .is_some_and(|h| h.takes(&key, ttl, payload.len()))
+        });
+    if !joins {
+        flush_sends();
+    }
     let host = {
         let flows = lock(&shared.udp_flows);
         match flows.get(&key) {
@@ -141,21 +155,22 @@ pub(crate) fn route_fast(
         shared.learn(*src.ip(), src_mac);
         return route_flow(shared, src_mac, key, ttl, payload);
     };
-    if GATHERING.get() && !payload.is_empty() && payload.len() <= MAX_SEGMENT {
-        SENDS.with_borrow_mut(|held| {
-            if let Some(h) = held.as_mut().filter(|h| h.takes(&key, ttl, payload.len())) {
-                h.bytes += payload.len();
-                let last = payload.len() < h.segment;
-                h.datagrams.push(payload);
-                if last || h.datagrams.len() == SEGMENTS || h.bytes + h.segment > MAX_DATAGRAM {
-                    held.take().unwrap().send();
-                }
-                return;
+    if !gather || !host.segments_ok.load(Ordering::Relaxed) {
+        return send_now(shared, src_mac, key, &host, ttl, payload);
+    }
+    // Taken out of the thread's slot before anything is sent (sending may reach code that
+    // looks at the slot again).
+    let full = SENDS.with_borrow_mut(|slot| match slot {
+        Some(h) if h.takes(&key, ttl, payload.len()) => {
+            h.push(payload);
+            if h.full() {
+                slot.take()
+            } else {
+                None
             }
-            if let Some(h) = held.take() {
-                h.send();
-            }
-            *held = Some(Held {
+        }
+        _ => {
+            *slot = Some(Held {
                 shared: Arc::clone(shared),
                 src_mac,
                 key,
@@ -165,11 +180,12 @@ pub(crate) fn route_fast(
                 bytes: payload.len(),
                 datagrams: vec![payload],
             });
-        });
-        return;
+            None
+        }
+    });
+    if let Some(h) = full {
+        h.send();
     }
-    flush_sends();
-    send_now(shared, src_mac, key, &host, ttl, payload);
 }
 
 /// Send a guest datagram out of its flow's host socket, or hand it to the flow's task when
@@ -234,13 +250,33 @@ struct Held {
 }
 
 impl Held {
-    /// May a datagram of `len` bytes of flow `key` with `ttl` join?
+    /// May a datagram of `len` bytes of flow `key` with `ttl` join? Not after a shorter one
+    /// (which ends a run), nor an empty one.
     fn takes(&self, key: &Key, ttl: u8, len: usize) -> bool {
         self.key == *key
             && self.ttl == ttl
+            && len > 0
             && len <= self.segment
+            && self
+                .datagrams
+                .last()
+                .is_some_and(|d| d.len() == self.segment)
             && self.datagrams.len() < SEGMENTS
             && self.bytes + len <= MAX_DATAGRAM
+    }
+
+    fn push(&mut self, d: Bytes) {
+        self.bytes += d.len();
+        self.datagrams.push(d);
+    }
+
+    /// Nothing more can join: a shorter one ended the run, or no room for another.
+    fn full(&self) -> bool {
+        self.datagrams
+            .last()
+            .is_some_and(|d| d.len() < self.segment)
+            || self.datagrams.len() == SEGMENTS
+            || self.bytes + self.segment > MAX_DATAGRAM
     }
 
     fn send(self) {
@@ -267,12 +303,31 @@ impl Held {
                 FlowCounters::add(&c.gathered_from_guest, datagrams.len() as u64);
                 host.active.store(true, Ordering::Relaxed);
             }
-            // Not taken together (a kernel without UDP_SEGMENT, a path MTU below the size,
-            // an error pending from an earlier datagram): one by one through the flow's task,
-            // which reports what fails.
-            Err(_) => {
-                shared.learn(*key.guest.ip(), src_mac);
-                for d in datagrams {
+            // Not taken together: one by one, as the fast path sends them; from the first the
+            // socket does not take, through the flow's task (in order), which reports what
+            // fails. A kernel without UDP_SEGMENT or a path MTU below the size (the datagrams
+            // would have to be fragmented, which segmentation offload does not do) refuses
+            // every such call: the flow sends one by one from now on.
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMSGSIZE | libc::EINVAL | libc::EIO | libc::ENOPROTOOPT)
+                ) {
+                    host.segments_ok.store(false, Ordering::Relaxed);
+                }
+                let mut rest = datagrams.into_iter();
+                for d in rest.by_ref() {
+                    host.set_last(ttl, d.len());
+                    if host.sock.send(&d).is_ok() {
+                        FlowCounters::add(&c.bytes_from_guest, d.len() as u64);
+                        host.active.store(true, Ordering::Relaxed);
+                    } else {
+                        shared.learn(*key.guest.ip(), src_mac);
+                        route_flow(&shared, src_mac, key, ttl, d);
+                        break;
+                    }
+                }
+                for d in rest {
                     route_flow(&shared, src_mac, key, ttl, d);
                 }
             }
@@ -381,6 +436,7 @@ fn route_flow(shared: &Arc<Shared>, src_mac: MacAddr, key: Key, ttl: u8, payload
         ttl: AtomicU8::new(0),
         last: AtomicU64::new(0),
         active: AtomicBool::new(false),
+        segments_ok: AtomicBool::new(true),
     });
     let (tx, rx) = mpsc::channel(INBOX);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -688,7 +744,8 @@ impl Flow {
                             count: 1,
                             bytes: n,
                         };
-                    } else if n <= group.segment
+                    } else if n > 0
+                        && n <= group.segment
                         && group.count < SEGMENTS
                         && group.bytes + n <= MAX_DATAGRAM
                     {
@@ -699,12 +756,13 @@ impl Flow {
                             self.flush(&mut chunk, &mut group);
                         }
                     } else {
-                        // Not one of the group: it starts the next (after its own headroom).
-                        let late = chunk.split_off(UDP_HEADROOM + group.bytes);
+                        // Not one of the group: it starts the next, moved behind headroom
+                        // of its own in the rest of the buffer.
+                        let mut late = chunk.split_off(UDP_HEADROOM + group.bytes);
                         self.flush(&mut chunk, &mut group);
-                        chunk = BytesMut::with_capacity(4 * (UDP_HEADROOM + RECV_BUF));
-                        chunk.resize(UDP_HEADROOM, 0);
-                        chunk.extend_from_slice(&late);
+                        late.resize(UDP_HEADROOM + n, 0);
+                        late.copy_within(0..n, UDP_HEADROOM);
+                        chunk = late;
                         group = Group {
                             segment: n,
                             count: 1,
