@@ -6,6 +6,9 @@
 
 use bytes::Bytes;
 
+/// The Ethernet header's length.
+const ETH: usize = 14;
+
 /// The one's complement sum of `data` as big-endian 16-bit words (odd length: a zero byte
 /// padded), folded to 16 bits, not complemented.
 pub fn ones_sum(data: &[u8]) -> u16 {
@@ -86,7 +89,6 @@ impl Partial {
     /// The partial checksum of the TCP or UDP packet after the IPv4 header of the Ethernet
     /// frame `frame`: None unless it is IPv4 TCP or UDP with a header that holds together.
     pub fn of_ipv4(frame: &[u8]) -> Option<Partial> {
-        const ETH: usize = 14;
         if frame.get(12..14)? != [0x08, 0x00] || *frame.get(ETH)? >> 4 != 4 {
             return None;
         }
@@ -128,22 +130,52 @@ impl Partial {
     }
 }
 
-/// Cut the Ethernet frame `frame` (IPv4, TCP, valid headers) into frames whose IP packets fit
-/// `mtu`, each with its own IP length, identification and checksum, TCP sequence number,
-/// flags (FIN and PSH on the last only, CWR on the first only) and checksum. None when the
-/// frame is not IPv4 TCP or its headers do not hold together.
-pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
-    const ETH: usize = 14;
+/// The IPv4 packet in Ethernet frame `frame` (to its total length) and its header length,
+/// when it carries protocol `proto` and its header holds together.
+fn ipv4_carrying(frame: &[u8], proto: u8) -> Option<(&[u8], usize)> {
     if frame.get(12..14)? != [0x08, 0x00] {
         return None;
     }
     let ip = frame.get(ETH..)?;
     let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-    if *ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 {
+    if *ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != proto {
         return None;
     }
     let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let ip = ip.get(..total)?;
+    Some((ip.get(..total)?, ihl))
+}
+
+/// Piece `i` of a frame being cut: the frame's first `headers` bytes (Ethernet, IPv4 with
+/// header length `ihl`, the transport header), then `chunk`; the IPv4 header's total length,
+/// identification (`id` + i) and checksum set.
+fn piece(frame: &[u8], headers: usize, ihl: usize, id: u16, i: usize, chunk: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(headers + chunk.len());
+    f.extend_from_slice(&frame[..headers]);
+    f.extend_from_slice(chunk);
+    let iph = &mut f[ETH..ETH + ihl];
+    iph[2..4].copy_from_slice(&((headers - ETH + chunk.len()) as u16).to_be_bytes());
+    iph[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+    iph[10..12].copy_from_slice(&[0, 0]);
+    let ipsum = !ones_sum(iph);
+    iph[10..12].copy_from_slice(&ipsum.to_be_bytes());
+    f
+}
+
+/// The pseudo-header of IPv4 packet `ip` for protocol `proto` (its length field left zero).
+fn pseudo_header(ip: &[u8], proto: u8) -> [u8; 12] {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..8].copy_from_slice(&ip[12..20]);
+    pseudo[9] = proto;
+    pseudo
+}
+
+/// Cut the Ethernet frame `frame` (IPv4, TCP, valid headers) into frames whose IP packets fit
+/// `mtu`, each with its own IP length, identification and checksum, TCP sequence number,
+/// flags (FIN and PSH on the last only, CWR on the first only) and checksum. None when the
+/// frame is not IPv4 TCP or its headers do not hold together.
+pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
+    let (ip, ihl) = ipv4_carrying(frame, 6)?;
+    let total = ip.len();
     let doff = usize::from(*ip.get(ihl + 12)? >> 4) * 4;
     if doff < 20 || ihl + doff > total {
         return None;
@@ -154,22 +186,12 @@ pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
     let id = u16::from_be_bytes([ip[4], ip[5]]);
     let seq = u32::from_be_bytes(ip[ihl + 4..ihl + 8].try_into().ok()?);
     let flags = ip[ihl + 13];
-    let mut pseudo = [0u8; 12];
-    pseudo[0..8].copy_from_slice(&ip[12..20]);
-    pseudo[9] = 6;
+    let mut pseudo = pseudo_header(ip, 6);
     let count = payload.len().div_ceil(mss).max(1);
     let mut out = Vec::with_capacity(count);
     for (i, chunk) in payload.chunks(mss).enumerate() {
-        let mut f = Vec::with_capacity(headers + chunk.len());
-        f.extend_from_slice(&frame[..headers]);
-        f.extend_from_slice(chunk);
-        let (eth_ip, tcp) = f.split_at_mut(ETH + ihl);
-        let iph = &mut eth_ip[ETH..];
-        iph[2..4].copy_from_slice(&((ihl + doff + chunk.len()) as u16).to_be_bytes());
-        iph[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        iph[10..12].copy_from_slice(&[0, 0]);
-        let ipsum = !ones_sum(iph);
-        iph[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let mut f = piece(frame, headers, ihl, id, i, chunk);
+        let tcp = &mut f[ETH + ihl..];
         let off = (i * mss) as u32;
         tcp[4..8].copy_from_slice(&seq.wrapping_add(off).to_be_bytes());
         let last = i + 1 == count;
@@ -196,42 +218,21 @@ pub fn segment_tcp4(frame: &[u8], mtu: usize) -> Option<Vec<Bytes>> {
 /// checksum. None when the frame is not IPv4 UDP, its headers do not hold together, it
 /// carries nothing or `segment` is 0.
 pub fn segment_udp4(frame: &[u8], segment: usize) -> Option<Vec<Bytes>> {
-    const ETH: usize = 14;
-    if frame.get(12..14)? != [0x08, 0x00] || segment == 0 {
-        return None;
-    }
-    let ip = frame.get(ETH..)?;
-    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-    if *ip.first()? >> 4 != 4 || ihl < 20 || *ip.get(9)? != 17 {
-        return None;
-    }
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let ip = ip.get(..total)?;
-    if ihl + 8 > total {
+    let (ip, ihl) = ipv4_carrying(frame, 17)?;
+    if segment == 0 || ihl + 8 > ip.len() {
         return None;
     }
     let headers = ETH + ihl + 8;
-    let payload = &frame[headers..ETH + total];
+    let payload = &frame[headers..ETH + ip.len()];
     if payload.is_empty() {
         return None;
     }
     let id = u16::from_be_bytes([ip[4], ip[5]]);
-    let mut pseudo = [0u8; 12];
-    pseudo[0..8].copy_from_slice(&ip[12..20]);
-    pseudo[9] = 17;
-    let count = payload.len().div_ceil(segment).max(1);
-    let mut out = Vec::with_capacity(count);
+    let mut pseudo = pseudo_header(ip, 17);
+    let mut out = Vec::with_capacity(payload.len().div_ceil(segment));
     for (i, chunk) in payload.chunks(segment).enumerate() {
-        let mut f = Vec::with_capacity(headers + chunk.len());
-        f.extend_from_slice(&frame[..headers]);
-        f.extend_from_slice(chunk);
-        let (eth_ip, udp) = f.split_at_mut(ETH + ihl);
-        let iph = &mut eth_ip[ETH..];
-        iph[2..4].copy_from_slice(&((ihl + 8 + chunk.len()) as u16).to_be_bytes());
-        iph[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        iph[10..12].copy_from_slice(&[0, 0]);
-        let ipsum = !ones_sum(iph);
-        iph[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let mut f = piece(frame, headers, ihl, id, i, chunk);
+        let udp = &mut f[ETH + ihl..];
         let len = (8 + chunk.len()) as u16;
         udp[4..6].copy_from_slice(&len.to_be_bytes());
         udp[6..8].copy_from_slice(&[0, 0]);

@@ -279,6 +279,33 @@ def burst_datagram(i, size):
     return body[:size]
 
 
+def send_burst(s, sizes, dst):
+    """Sends the burst of `sizes` to `dst`: each run of one size at once with UDP_SEGMENT
+    where the kernel takes it (so that the receiver finds the whole run queued), else one by
+    one, a pause after each run. Returns how many went out in runs."""
+    i, segmented = 0, 0
+    while i < len(sizes):
+        size = sizes[i]
+        run = 1
+        while (i + run < len(sizes) and sizes[i + run] == size and run < 32
+               and (run + 1) * size <= 65000):
+            run += 1
+        data = b"".join(burst_datagram(i + k, size) for k in range(run))
+        sent = False
+        if run > 1 and size > 0:
+            try:
+                s.sendmsg([data], [(socket.SOL_UDP, 103, struct.pack("=H", size))], 0, dst)
+                sent, segmented = True, segmented + run
+            except OSError:
+                pass
+        if not sent:
+            for k in range(run):
+                s.sendto(burst_datagram(i + k, size), dst)
+        i += run
+        time.sleep(0.002)  # pacing: a run at a time into the receiving side's queues
+    return segmented
+
+
 def srv_udp_burst(bind, port):
     """Answers each request (`SIZE[xCOUNT] ...`) with a burst of such datagrams, numbered in
     order; each run of equal sizes is sent at once where the kernel takes UDP_SEGMENT (so that
@@ -288,26 +315,7 @@ def srv_udp_burst(bind, port):
     while True:
         req, peer = s.recvfrom(65535)
         sizes = burst_sizes(req.decode().split())
-        i, segmented = 0, 0
-        while i < len(sizes):
-            size = sizes[i]
-            run = 1
-            while (i + run < len(sizes) and sizes[i + run] == size and run < 32
-                   and (run + 1) * size <= 65000):
-                run += 1
-            data = b"".join(burst_datagram(i + k, size) for k in range(run))
-            sent = False
-            if run > 1 and size > 0:
-                try:
-                    s.sendmsg([data], [(socket.SOL_UDP, 103, struct.pack("=H", size))], 0, peer)
-                    sent, segmented = True, segmented + run
-                except OSError:
-                    pass
-            if not sent:
-                for k in range(run):
-                    s.sendto(burst_datagram(i + k, size), peer)
-            i += run
-            time.sleep(0.002)  # pacing: a run at a time into the stack's socket buffer
+        segmented = send_burst(s, sizes, peer)
         out({"peer": peer[0], "sent": len(sizes), "segmented": segmented})
 
 
@@ -659,26 +667,7 @@ def cli_udp_burst_send(host, port, bind_port, *spec):
     s.bind(("0.0.0.0", int(bind_port)))
     s.settimeout(5)
     dst = (host, int(port))
-    i, segmented = 0, 0
-    while i < len(sizes):
-        size = sizes[i]
-        run = 1
-        while (i + run < len(sizes) and sizes[i + run] == size and run < 32
-               and (run + 1) * size <= 65000):
-            run += 1
-        data = b"".join(burst_datagram(i + k, size) for k in range(run))
-        sent = False
-        if run > 1 and size > 0:
-            try:
-                s.sendmsg([data], [(socket.SOL_UDP, 103, struct.pack("=H", size))], 0, dst)
-                sent, segmented = True, segmented + run
-            except OSError:
-                pass
-        if not sent:
-            for k in range(run):
-                s.sendto(burst_datagram(i + k, size), dst)
-        i += run
-        time.sleep(0.002)  # pacing: a run at a time into the guest's tap queue
+    segmented = send_burst(s, sizes, dst)
     s.sendto(b"END %d" % len(sizes), dst)
     try:
         b, _ = s.recvfrom(65535)

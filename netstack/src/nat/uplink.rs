@@ -122,7 +122,45 @@ impl Uplink {
         if IPV4_HEADER_LEN + UDP_HEADER_LEN + n > self.mtu {
             return self.send_udp(dst_mac, src, dst, &frame[UDP_HEADROOM..]);
         }
-        write_ethernet(&mut frame, self.mac, dst_mac);
+        self.write_udp_headers(&mut frame, dst_mac, src, dst, partial);
+        let partial = if partial {
+            Partial::leave(&mut frame)
+        } else {
+            None
+        };
+        (self.sink)(frame.freeze(), partial);
+    }
+
+    /// Send datagrams from `src` to a guest at `dst` in one frame (UDP segmentation
+    /// offload): their payloads lie one after the other in `frame` after [`UDP_HEADROOM`]
+    /// bytes, each `segment` bytes but the last, which may be shorter. Only for a guest that
+    /// takes such frames, with `segment` plus headers within the MTU and at most 65,507 bytes
+    /// in all.
+    pub(crate) fn send_udp_segments(
+        &self,
+        dst_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        mut frame: BytesMut,
+        segment: u16,
+    ) {
+        self.write_udp_headers(&mut frame, dst_mac, src, dst, true);
+        let partial = Partial::leave(&mut frame).map(|p| Partial { segment, ..p });
+        (self.sink)(frame.freeze(), partial);
+    }
+
+    /// The Ethernet, IPv4 and UDP headers in the [`UDP_HEADROOM`] bytes before the payload
+    /// in `frame`; the UDP checksum computed, or left for [`Partial::leave`] (`partial`).
+    fn write_udp_headers(
+        &self,
+        frame: &mut BytesMut,
+        dst_mac: MacAddr,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        partial: bool,
+    ) {
+        let n = frame.len() - UDP_HEADROOM;
+        write_ethernet(frame, self.mac, dst_mac);
         let mut caps = ChecksumCapabilities::default();
         if partial {
             caps.udp = smoltcp::phy::Checksum::None;
@@ -149,55 +187,6 @@ impl Uplink {
                 )
             },
         );
-        let partial = if partial {
-            Partial::leave(&mut frame)
-        } else {
-            None
-        };
-        (self.sink)(frame.freeze(), partial);
-    }
-
-    /// Send datagrams from `src` to a guest at `dst` in one frame (UDP segmentation
-    /// offload): their payloads lie one after the other in `frame` after [`UDP_HEADROOM`]
-    /// bytes, each `segment` bytes but the last, which may be shorter. Only for a guest that
-    /// takes such frames, with `segment` plus headers within the MTU and at most 65,507 bytes
-    /// in all.
-    pub(crate) fn send_udp_segments(
-        &self,
-        dst_mac: MacAddr,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
-        mut frame: BytesMut,
-        segment: u16,
-    ) {
-        let n = frame.len() - UDP_HEADROOM;
-        write_ethernet(&mut frame, self.mac, dst_mac);
-        let mut caps = ChecksumCapabilities::default();
-        caps.udp = smoltcp::phy::Checksum::None;
-        write_ipv4(
-            &mut frame[ETHERNET_HEADER_LEN..],
-            *src.ip(),
-            *dst.ip(),
-            IpProtocol::Udp,
-            UDP_HEADER_LEN + n,
-            false,
-            |p| {
-                UdpRepr {
-                    src_port: src.port(),
-                    dst_port: dst.port(),
-                }
-                .emit(
-                    &mut UdpPacket::new_unchecked(p),
-                    &IpAddress::Ipv4(*src.ip()),
-                    &IpAddress::Ipv4(*dst.ip()),
-                    n,
-                    |_| {}, // the payload is in place
-                    &caps,
-                )
-            },
-        );
-        let partial = Partial::leave(&mut frame).map(|p| Partial { segment, ..p });
-        (self.sink)(frame.freeze(), partial);
     }
 
     /// Send a UDP datagram from `src` to a guest at `dst`.
