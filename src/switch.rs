@@ -510,13 +510,13 @@ impl PortTx {
     }
 }
 
-/// `frame` with its partial checksum (if any) completed: in place when nothing else holds
-/// the frame, in a copy otherwise.
 /// The datagrams of a frame that carries several ([`Partial::segment`]), whole.
 fn cut_datagrams(frame: &[u8], p: Partial) -> Option<Vec<Bytes>> {
     netstack::offload::segment_udp4(frame, usize::from(p.segment))
 }
 
+/// `frame` with its partial checksum (if any) completed: in place when nothing else holds
+/// the frame, in a copy otherwise.
 fn complete(frame: Bytes, partial: Option<Partial>) -> Bytes {
     let Some(p) = partial else {
         return frame;

@@ -59,6 +59,17 @@ struct Group {
     bytes: usize,
 }
 
+impl Group {
+    /// A group of one datagram of `n` bytes.
+    fn first(n: usize) -> Group {
+        Group {
+            segment: n,
+            count: 1,
+            bytes: n,
+        }
+    }
+}
+
 /// A UDP flow: the guest's address and port, and the destination's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
@@ -90,6 +101,19 @@ struct HostSide {
 }
 
 impl HostSide {
+    /// Send a guest datagram (with the guest's `ttl`) now and count it; false when the
+    /// socket does not take it.
+    fn send_counted(&self, c: &FlowCounters, ttl: u8, payload: &[u8]) -> bool {
+        self.set_ttl(ttl);
+        self.set_last(ttl, payload.len());
+        if self.sock.send(payload).is_err() {
+            return false;
+        }
+        FlowCounters::add(&c.bytes_from_guest, payload.len() as u64);
+        self.active.store(true, Ordering::Relaxed);
+        true
+    }
+
     fn set_ttl(&self, guest_ttl: u8) {
         let ttl = guest_ttl.saturating_sub(1).max(1);
         if self.ttl.load(Ordering::Relaxed) != ttl {
@@ -198,15 +222,10 @@ fn send_now(
     ttl: u8,
     payload: Bytes,
 ) {
-    host.set_ttl(ttl);
-    host.set_last(ttl, payload.len());
-    if host.sock.send(&payload).is_ok() {
-        FlowCounters::add(&shared.udp_counters.bytes_from_guest, payload.len() as u64);
-        host.active.store(true, Ordering::Relaxed);
-        return;
+    if !host.send_counted(&shared.udp_counters, ttl, &payload) {
+        shared.learn(*key.guest.ip(), src_mac);
+        route_flow(shared, src_mac, key, ttl, payload);
     }
-    shared.learn(*key.guest.ip(), src_mac);
-    route_flow(shared, src_mac, key, ttl, payload);
 }
 
 /// The largest guest datagram held to go out with others (a larger one goes alone).
@@ -317,11 +336,7 @@ impl Held {
                 }
                 let mut rest = datagrams.into_iter();
                 for d in rest.by_ref() {
-                    host.set_last(ttl, d.len());
-                    if host.sock.send(&d).is_ok() {
-                        FlowCounters::add(&c.bytes_from_guest, d.len() as u64);
-                        host.active.store(true, Ordering::Relaxed);
-                    } else {
+                    if !host.send_counted(c, ttl, &d) {
                         shared.learn(*key.guest.ip(), src_mac);
                         route_flow(&shared, src_mac, key, ttl, d);
                         break;
@@ -454,12 +469,7 @@ fn route_flow(shared: &Arc<Shared>, src_mac: MacAddr, key: Key, ttl: u8, payload
         // follows takes the fast path (a burst at a flow's start no longer fills the queue
         // while the task has not run yet); one the socket does not take goes to the task,
         // which sends it again and reports the error.
-        host.set_ttl(ttl);
-        host.set_last(ttl, datagram.payload.len());
-        if host.sock.send(&datagram.payload).is_ok() {
-            FlowCounters::add(&c.bytes_from_guest, datagram.payload.len() as u64);
-            host.active.store(true, Ordering::Relaxed);
-        } else {
+        if !host.send_counted(c, ttl, &datagram.payload) {
             // Cannot fail: the channel is new and empty.
             let _ = tx.try_send(datagram);
         }
@@ -739,11 +749,7 @@ impl Flow {
                     FlowCounters::add(&self.shared.udp_counters.bytes_to_guest, n as u64);
                     any = true;
                     if group.count == 0 {
-                        group = Group {
-                            segment: n,
-                            count: 1,
-                            bytes: n,
-                        };
+                        group = Group::first(n);
                     } else if n > 0
                         && n <= group.segment
                         && group.count < SEGMENTS
@@ -763,11 +769,7 @@ impl Flow {
                         late.resize(UDP_HEADROOM + n, 0);
                         late.copy_within(0..n, UDP_HEADROOM);
                         chunk = late;
-                        group = Group {
-                            segment: n,
-                            count: 1,
-                            bytes: n,
-                        };
+                        group = Group::first(n);
                     }
                     if group.segment == 0
                         || group.segment > max_segment
@@ -781,7 +783,6 @@ impl Flow {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    chunk.truncate(UDP_HEADROOM + group.bytes);
                     // An ICMP error reported through recv: its details are in the error queue.
                     if self.drain_errors() == 0 {
                         self.report(HostError::local(&e));
