@@ -725,6 +725,23 @@ mod tests {
         assert_eq!(drain(&mut rb).len(), 1);
     }
 
+    /// The frames a fast path was offered.
+    type Offered = Arc<Mutex<Vec<(Bytes, Option<Partial>)>>>;
+
+    /// What a fast path set on `port` (taking every frame) was offered.
+    fn recording_fast_path(sw: &Switch, port: &PortTx) -> Offered {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        sw.set_fast_path(
+            port,
+            Arc::new(move |f: &Bytes, p| {
+                s.lock().unwrap().push((f.clone(), p));
+                true
+            }),
+        );
+        seen
+    }
+
     /// A UDP frame from A to B with its checksum left partial, and the same frame whole.
     fn partial_udp(dst: MacAddr, src: MacAddr) -> (Bytes, Partial, Bytes) {
         let mut f = frame(dst, src)[..12].to_vec();
@@ -743,15 +760,7 @@ mod tests {
         let (pa, mut ra) = sw.attach("a");
         let (pb, mut rb) = sw.attach("b");
         let (pc, mut rc) = sw.attach("c");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = Arc::clone(&seen);
-        sw.set_fast_path(
-            &pc,
-            Arc::new(move |f: &Bytes, p| {
-                s.lock().unwrap().push((f.clone(), p));
-                true
-            }),
-        );
+        let seen = recording_fast_path(&sw, &pc);
         pb.send(frame([0xff; 6], B));
         pc.send(frame([0xff; 6], C));
         drain(&mut ra);
@@ -808,15 +817,7 @@ mod tests {
         let (gw, _rgw) = sw.attach_large("gateway");
         let (tap, _rtap) = sw.attach_large("tap");
         let (qemu, mut rqemu) = sw.attach("qemu");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = Arc::clone(&seen);
-        sw.set_fast_path(
-            &tap,
-            Arc::new(move |f: &Bytes, p| {
-                s.lock().unwrap().push((f.clone(), p));
-                true
-            }),
-        );
+        let seen = recording_fast_path(&sw, &tap);
         tap.send(frame([0xff; 6], B));
         qemu.send(frame([0xff; 6], C));
         drain(&mut rqemu);

@@ -1472,31 +1472,42 @@ fn udp_bursts_reach_the_guest_whole_and_in_order() {
         let Some(rig) = rig("udp_bursts_reach_the_guest_whole_and_in_order", &extra) else {
             return;
         };
-        let mut srv = rig.tool_server(&rig.d, &["udp-burst", "127.0.0.1", "9011"], 'u', 9011);
-        let mut args = vec!["udp-burst-client", HOST, "9011", "40200"];
-        args.extend_from_slice(BURST);
-        let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
-        if v.get("ok") != Some(&Value::Bool(true)) || u(&v, "received") != count as u64 {
-            rig.fail(format!(
-                "{label}: the guest should receive all {count} datagrams of the burst in order,                  byte for byte: {v}\n{}\n{}",
-                out.describe(),
-                srv.describe()
-            ));
-        }
-        // And the other way: the guest's burst reaches a host server whole and in order, runs
-        // of one size sent out of the host socket together (UDP_SEGMENT) from the tap's thread.
-        let mut collect = rig.tool_server(&rig.d, &["udp-collect", "127.0.0.1", "9012"], 'u', 9012);
-        let mut args = vec!["udp-burst-send", HOST, "9012", "40201"];
-        args.extend_from_slice(BURST);
-        let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
-        if v.get("ok") != Some(&Value::Bool(true)) || u(&v, "received") != count as u64 {
-            rig.fail(format!(
-                "{label}: the host server should receive all {count} datagrams of the guest's \
-                 burst in order, byte for byte: {v}\n{}\n{}",
-                out.describe(),
-                collect.describe()
-            ));
-        }
+        // A burst each way: a server in D on its loopback, the client in G.
+        let burst = |server: &str, port: &str, client: &str, bind: &str, who: &str| {
+            let mut srv = rig.tool_server(
+                &rig.d,
+                &[server, "127.0.0.1", port],
+                'u',
+                port.parse().unwrap(),
+            );
+            let mut args = vec![client, HOST, port, bind];
+            args.extend_from_slice(BURST);
+            let (v, out) = rig.tool_json(&rig.g, &args, Duration::from_secs(60));
+            if v.get("ok") != Some(&Value::Bool(true)) || u(&v, "received") != count as u64 {
+                rig.fail(format!(
+                    "{label}: {who} should receive all {count} datagrams of the burst in order, \
+                     byte for byte: {v}\n{}\n{}",
+                    out.describe(),
+                    srv.describe()
+                ));
+            }
+        };
+        burst(
+            "udp-burst",
+            "9011",
+            "udp-burst-client",
+            "40200",
+            "the guest",
+        );
+        // And the other way: runs of one size leave the host socket together (UDP_SEGMENT)
+        // from the tap's thread.
+        burst(
+            "udp-collect",
+            "9012",
+            "udp-burst-send",
+            "40201",
+            "the host server",
+        );
         let st = rig.daemon.stats();
         rig.check(
             stat_u64(&st, "udp.gathered_from_guest").is_some_and(|n| n > 0),
