@@ -2348,14 +2348,19 @@ poweroff -f
                 .lines()
                 .map(|l| l.trim().to_string())
                 .collect();
+        // `E2E_USERNET_BIN`: another build to measure (an A/B comparison of two trees).
+        let built = std::env::var("E2E_USERNET_BIN").unwrap_or_else(|_| USERNET_BUILT.into());
         let copy = cfg.logs.join("usernet");
-        match fs::copy(USERNET_BUILT, &copy) {
+        match fs::copy(&built, &copy) {
             Ok(_) => {
                 let _ = USERNET.set(copy);
             }
-            Err(e) => eprintln!("e2e: cannot copy {USERNET_BUILT}: {e}; running it in place"),
+            Err(e) => {
+                eprintln!("e2e: cannot copy {built}: {e}; running it in place");
+                let _ = USERNET.set(PathBuf::from(&built));
+            }
         }
-        let usernet_built = sh(&format!("date -u -r '{USERNET_BUILT}' +%Y-%m-%dT%H:%M:%SZ"));
+        let usernet_built = sh(&format!("date -u -r '{built}' +%Y-%m-%dT%H:%M:%SZ"));
         progress(
             &cfg,
             &format!(
