@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 use dns::{DnsConfig, DnsServer};
 
@@ -122,18 +122,7 @@ pub async fn tcp_many(server: SocketAddr, qs: &[Message]) -> Vec<(Message, Vec<u
 
 /// A server on 127.0.0.1 (UDP and TCP on the same random port); returns the address.
 pub async fn start(server: &DnsServer) -> SocketAddr {
-    // The kernel picks the TCP port; the same UDP port may be in use by another test's
-    // socket at that moment: then try another port (bounded).
-    let mut attempt = 0;
-    let (tcp, udp, addr) = loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
-        let addr = tcp.local_addr().expect("tcp addr");
-        match UdpSocket::bind(addr).await {
-            Ok(udp) => break (tcp, udp, addr),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 20 => attempt += 1,
-            Err(e) => panic!("bind udp on the same port {addr}: {e}"),
-        }
-    };
+    let (tcp, udp, addr) = upstream::bind_pair().await;
     let s1 = server.clone();
     tokio::spawn(async move { s1.serve_tcp(tcp).await });
     let s2 = server.clone();

@@ -63,6 +63,22 @@ fn answer(query: &[u8]) -> Option<Vec<u8>> {
     r.to_vec().ok()
 }
 
+/// A TCP listener and a UDP socket on the same random port of 127.0.0.1.
+pub async fn bind_pair() -> (TcpListener, UdpSocket, SocketAddr) {
+    // The kernel picks the TCP port; the same UDP port may be in use by another test's
+    // socket at that moment: then try another port (bounded).
+    let mut attempt = 0;
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+        let addr = tcp.local_addr().expect("tcp addr");
+        match UdpSocket::bind(addr).await {
+            Ok(udp) => return (tcp, udp, addr),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 20 => attempt += 1,
+            Err(e) => panic!("bind udp on the same port {addr}: {e}"),
+        }
+    }
+}
+
 impl MiniUpstream {
     /// Starts on 127.0.0.1:random on the current tokio runtime.
     pub async fn start() -> MiniUpstream {
@@ -75,9 +91,7 @@ impl MiniUpstream {
     }
 
     async fn start_with(answering: bool) -> MiniUpstream {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
-        let addr = tcp.local_addr().unwrap();
-        let udp = UdpSocket::bind(addr).await.expect("bind udp");
+        let (tcp, udp, addr) = bind_pair().await;
         // A burst of forwarded queries must not overflow the default buffer.
         let _ = socket2::SockRef::from(&udp).set_recv_buffer_size(4 << 20);
         let udp = Arc::new(udp);
