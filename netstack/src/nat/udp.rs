@@ -49,7 +49,8 @@ const BATCH: usize = 64;
 /// Datagrams sent to a guest in one frame at most (UDP segmentation offload).
 const SEGMENTS: usize = 64;
 
-/// Datagrams of one size received one after the other, for one frame to the guest.
+/// A run of datagrams of one size (the last may be shorter) that go together, in one frame
+/// to the guest or in one send from it (UDP segmentation offload): their sizes.
 #[derive(Default)]
 struct Group {
     /// The size of each (the first one's; a shorter one ends the group).
@@ -57,6 +58,8 @@ struct Group {
     count: usize,
     /// All of them together.
     bytes: usize,
+    /// A shorter one came: the run is over.
+    ended: bool,
 }
 
 impl Group {
@@ -66,7 +69,30 @@ impl Group {
             segment: n,
             count: 1,
             bytes: n,
+            ended: false,
         }
+    }
+
+    /// May a datagram of `n` bytes join? Not an empty one, nor one longer than the first,
+    /// nor any after a shorter one; at most [`SEGMENTS`], [`MAX_DATAGRAM`] bytes in all.
+    fn takes(&self, n: usize) -> bool {
+        !self.ended
+            && n > 0
+            && n <= self.segment
+            && self.count < SEGMENTS
+            && self.bytes + n <= MAX_DATAGRAM
+    }
+
+    /// Add a datagram of `n` bytes (one it [`takes`](Group::takes)).
+    fn push(&mut self, n: usize) {
+        self.count += 1;
+        self.bytes += n;
+        self.ended = n < self.segment;
+    }
+
+    /// Nothing more can join: a shorter one ended the run, or no room for another.
+    fn full(&self) -> bool {
+        self.ended || self.count == SEGMENTS || self.bytes + self.segment > MAX_DATAGRAM
     }
 }
 
@@ -200,8 +226,7 @@ pub(crate) fn route_fast(
                 key,
                 host,
                 ttl,
-                segment: payload.len(),
-                bytes: payload.len(),
+                group: Group::first(payload.len()),
                 datagrams: vec![payload],
             });
             None
@@ -261,41 +286,24 @@ struct Held {
     key: Key,
     host: Arc<HostSide>,
     ttl: u8,
-    /// The size of each but the last.
-    segment: usize,
-    /// All of them together.
-    bytes: usize,
+    group: Group,
     datagrams: Vec<Bytes>,
 }
 
 impl Held {
-    /// May a datagram of `len` bytes of flow `key` with `ttl` join? Not after a shorter one
-    /// (which ends a run), nor an empty one.
+    /// May a datagram of `len` bytes of flow `key` with `ttl` join?
     fn takes(&self, key: &Key, ttl: u8, len: usize) -> bool {
-        self.key == *key
-            && self.ttl == ttl
-            && len > 0
-            && len <= self.segment
-            && self
-                .datagrams
-                .last()
-                .is_some_and(|d| d.len() == self.segment)
-            && self.datagrams.len() < SEGMENTS
-            && self.bytes + len <= MAX_DATAGRAM
+        self.key == *key && self.ttl == ttl && self.group.takes(len)
     }
 
     fn push(&mut self, d: Bytes) {
-        self.bytes += d.len();
+        self.group.push(d.len());
         self.datagrams.push(d);
     }
 
-    /// Nothing more can join: a shorter one ended the run, or no room for another.
+    /// Nothing more can join.
     fn full(&self) -> bool {
-        self.datagrams
-            .last()
-            .is_some_and(|d| d.len() < self.segment)
-            || self.datagrams.len() == SEGMENTS
-            || self.bytes + self.segment > MAX_DATAGRAM
+        self.group.full()
     }
 
     fn send(self) {
@@ -305,8 +313,7 @@ impl Held {
             key,
             host,
             ttl,
-            segment,
-            bytes,
+            group,
             mut datagrams,
         } = self;
         if datagrams.len() == 1 {
@@ -316,9 +323,9 @@ impl Held {
         host.set_ttl(ttl);
         host.set_last(ttl, datagrams.last().map_or(0, Bytes::len));
         let c = &shared.udp_counters;
-        match host.sock.send_segments(&datagrams, segment as u16) {
+        match host.sock.send_segments(&datagrams, group.segment as u16) {
             Ok(()) => {
-                FlowCounters::add(&c.bytes_from_guest, bytes as u64);
+                FlowCounters::add(&c.bytes_from_guest, group.bytes as u64);
                 FlowCounters::add(&c.gathered_from_guest, datagrams.len() as u64);
                 host.active.store(true, Ordering::Relaxed);
             }
@@ -750,17 +757,8 @@ impl Flow {
                     any = true;
                     if group.count == 0 {
                         group = Group::first(n);
-                    } else if n > 0
-                        && n <= group.segment
-                        && group.count < SEGMENTS
-                        && group.bytes + n <= MAX_DATAGRAM
-                    {
-                        group.count += 1;
-                        group.bytes += n;
-                        if n < group.segment {
-                            // A shorter one can only be the last.
-                            self.flush(&mut chunk, &mut group);
-                        }
+                    } else if group.takes(n) {
+                        group.push(n);
                     } else {
                         // Not one of the group: it starts the next, moved behind headroom
                         // of its own in the rest of the buffer.
@@ -771,13 +769,10 @@ impl Flow {
                         chunk = late;
                         group = Group::first(n);
                     }
-                    if group.segment == 0
-                        || group.segment > max_segment
-                        || group.count == SEGMENTS
-                        || group.bytes + group.segment > MAX_DATAGRAM
-                    {
-                        // Empty, too long to ride with others, or no room for another of its
-                        // size: sent now (the next one starts a group of its own, in place).
+                    if group.segment == 0 || group.segment > max_segment || group.full() {
+                        // Empty, too long to ride with others, ended by a shorter one, or no
+                        // room for another of its size: sent now (the next one starts a group
+                        // of its own, in place).
                         self.flush(&mut chunk, &mut group);
                     }
                 }
