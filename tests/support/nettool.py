@@ -279,6 +279,15 @@ def burst_datagram(i, size):
     return body[:size]
 
 
+def large_receive_buffer(s):
+    """16 MiB to receive a whole burst into: SO_RCVBUFFORCE as root, else as much as
+    SO_RCVBUF may take."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE (root)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+
+
 def send_burst(s, sizes, dst):
     """Sends the burst of `sizes` to `dst`: each run of one size at once with UDP_SEGMENT
     where the kernel takes it (so that the receiver finds the whole run queued), else one by
@@ -323,10 +332,7 @@ def srv_udp_collect(bind, port):
     """Takes bursts (see cli_udp_burst_send): datagram i must be burst_datagram(i, size); an
     `END n` datagram answers its sender with the verdict on the n before it, and starts over."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE (root)
-    except OSError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    large_receive_buffer(s)
     s.bind((bind, int(port)))
     got, bad = [], []
     while True:
@@ -632,10 +638,7 @@ def cli_udp_burst(host, port, bind_port, *spec):
     in order, each byte as sent."""
     sizes = burst_sizes(spec)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE (root)
-    except OSError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    large_receive_buffer(s)
     s.bind(("0.0.0.0", int(bind_port)))
     s.settimeout(5)
     s.sendto(" ".join(spec).encode(), (host, int(port)))
