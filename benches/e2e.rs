@@ -109,6 +109,7 @@ mod child {
         };
         let result = match arg(0).as_str() {
             "echo-server" => echo_server(num(1) as u16).map(|_| Value::Null),
+            "echo-server-epoll" => echo_server_epoll(num(1) as u16).map(|_| Value::Null),
             "hold-server" => hold_server(num(1) as u16).map(|_| Value::Null),
             "wait-connect" => addr().and_then(|a| wait_connect(a, num(3))),
             "latency" => addr().and_then(|a| latency(a, num(3))),
@@ -153,6 +154,61 @@ mod child {
             });
         }
         Ok(())
+    }
+
+    /// The same echo on one thread, with epoll: no thread started or ended per connection, as
+    /// netperf's TCP_CRR server and event-driven servers go. Blocking sockets, level-triggered:
+    /// one accept or one read per readiness, the echo written whole.
+    fn echo_server_epoll(port: u16) -> Result<(), String> {
+        use std::collections::HashMap;
+        let l = listen(port).map_err(|e| format!("listen 127.0.0.1:{port}: {e}"))?;
+        // SAFETY: no pointers; the fd is ours.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(format!(
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let ctl = |op: i32, fd: i32| {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: fd as u64,
+            };
+            // SAFETY: our epoll fd, an fd we own, an event on the stack.
+            unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) };
+        };
+        ctl(libc::EPOLL_CTL_ADD, l.as_raw_fd());
+        let mut conns: HashMap<i32, TcpStream> = HashMap::new();
+        println!("READY");
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: `events` has room for the 64 events asked for.
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 64, -1) };
+            for e in &events[..n.max(0) as usize] {
+                let fd = e.u64 as i32;
+                if fd == l.as_raw_fd() {
+                    if let Ok((s, _)) = l.accept() {
+                        let _ = s.set_nodelay(true);
+                        ctl(libc::EPOLL_CTL_ADD, s.as_raw_fd());
+                        conns.insert(s.as_raw_fd(), s);
+                    }
+                    continue;
+                }
+                let Some(s) = conns.get_mut(&fd) else {
+                    continue;
+                };
+                let done = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => true,
+                    Ok(k) => s.write_all(&buf[..k]).is_err(),
+                };
+                if done {
+                    ctl(libc::EPOLL_CTL_DEL, fd);
+                    conns.remove(&fd);
+                }
+            }
+        }
     }
 
     /// Accepts and holds every connection, never reading; prints `HELD n` every 1000.
@@ -920,6 +976,8 @@ mod harness {
         idle: usize,
         /// Extra arguments for usernet (`E2E_USERNET_ARGS`, split at whitespace).
         usernet_args: Vec<String>,
+        /// The echo server of the ping-pong and the connection rate (`E2E_ECHO`).
+        echo: Echo,
         /// `E2E_PIN=STACK/CLIENT/SERVER`: the CPUs (`taskset -c` lists) of the stack, of the
         /// guest's clients and of the servers, the same for every stack and the reference;
         /// None: the scheduler places them.
@@ -938,6 +996,39 @@ mod harness {
         guest_cache: PathBuf,
         exe: PathBuf,
         start: Instant,
+    }
+
+    /// `E2E_ECHO`: how the echo server on S's loopback serves its connections.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Echo {
+        /// A thread started for each connection (the default).
+        Thread,
+        /// One thread with epoll (no thread per connection).
+        Epoll,
+    }
+
+    impl Echo {
+        fn parse(v: &str) -> Echo {
+            match v {
+                "thread" => Echo::Thread,
+                "epoll" => Echo::Epoll,
+                _ => panic!("E2E_ECHO: thread or epoll; got {v:?}"),
+            }
+        }
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Echo::Thread => "thread",
+                Echo::Epoll => "epoll",
+            }
+        }
+
+        fn role(self) -> &'static str {
+            match self {
+                Echo::Thread => "echo-server",
+                Echo::Epoll => "echo-server-epoll",
+            }
+        }
     }
 
     fn env_or(name: &str, default: &str) -> String {
@@ -1023,6 +1114,7 @@ mod harness {
                 reference: env_or("E2E_SKIP_REFERENCE", "0") != "1",
                 only: list(&env_or("E2E_ONLY", "")),
                 pin: pin(&env_or("E2E_PIN", "")),
+                echo: Echo::parse(&env_or("E2E_ECHO", "thread")),
                 usernet_args: env_or("E2E_USERNET_ARGS", "")
                     .split_whitespace()
                     .map(String::from)
@@ -1244,7 +1336,7 @@ mod harness {
     /// The echo server on S's loopback, once it says it is listening.
     fn start_echo(cfg: &Config, rig: &Rig, log: &Path) -> Result<Bg, String> {
         let mut echo = Bg::spawn(
-            cfg.child(&rig.stack, "echo-server", &[ECHO_PORT.to_string()]),
+            cfg.child(&rig.stack, cfg.echo.role(), &[ECHO_PORT.to_string()]),
             log,
         )?;
         echo.wait_line(Duration::from_secs(10), |l| l == "READY")?;
@@ -2383,10 +2475,11 @@ poweroff -f
         let (table, ratios) = report(&cfg, &rows, &vms);
         let load_end = loadavg();
         println!(
-            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}{}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
             if uncommitted.is_empty() { String::new() } else { format!(" (uncommitted: {})", uncommitted.join(", ")) },
             if cfg.usernet_args.is_empty() { String::new() } else { format!(", usernet args {}", cfg.usernet_args.join(" ")) },
             match &cfg.pin { None => String::new(), Some([s, c, v]) => format!(", pinned: stack on CPU {s}, clients {c}, servers {v}") },
+            if cfg.echo == Echo::Thread { String::new() } else { format!(", echo server: {}", cfg.echo.name()) },
             cfg.elapsed()
         );
         println!("{table}");
@@ -2410,6 +2503,7 @@ poweroff -f
             "seconds_per_run": cfg.secs,
             "idle_connections": cfg.idle,
             "pin": cfg.pin.as_ref().map(|[s, c, v]| json!({ "stack": s, "clients": c, "servers": v })),
+            "echo_server": cfg.echo.name(),
             "versions": versions,
             "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
             "vm": vms.iter().map(Row::json).collect::<Vec<_>>(),
