@@ -141,19 +141,18 @@ mod child {
                 let _ = s.set_nodelay(true);
                 let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
                 let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
+                while echo_once(&mut s, &mut buf) {}
             });
         }
         Ok(())
+    }
+
+    /// One read of `s` written back whole; false at the end of the stream or on an error.
+    fn echo_once(s: &mut TcpStream, buf: &mut [u8]) -> bool {
+        match s.read(buf) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => s.write_all(&buf[..n]).is_ok(),
+        }
     }
 
     /// The same echo on one thread, with epoll: no thread started or ended per connection, as
@@ -199,11 +198,7 @@ mod child {
                 let Some(s) = conns.get_mut(&fd) else {
                     continue;
                 };
-                let done = match s.read(&mut buf) {
-                    Ok(0) | Err(_) => true,
-                    Ok(k) => s.write_all(&buf[..k]).is_err(),
-                };
-                if done {
+                if !echo_once(s, &mut buf) {
                     ctl(libc::EPOLL_CTL_DEL, fd);
                     conns.remove(&fd);
                 }
@@ -1000,7 +995,7 @@ mod harness {
 
     /// `E2E_ECHO`: how the echo server on S's loopback serves its connections.
     #[derive(Clone, Copy, PartialEq, Eq)]
-    pub enum Echo {
+    enum Echo {
         /// A thread started for each connection (the default).
         Thread,
         /// One thread with epoll (no thread per connection).
@@ -1009,14 +1004,13 @@ mod harness {
 
     impl Echo {
         fn parse(v: &str) -> Echo {
-            match v {
-                "thread" => Echo::Thread,
-                "epoll" => Echo::Epoll,
-                _ => panic!("E2E_ECHO: thread or epoll; got {v:?}"),
-            }
+            [Echo::Thread, Echo::Epoll]
+                .into_iter()
+                .find(|e| e.name() == v)
+                .unwrap_or_else(|| panic!("E2E_ECHO: thread or epoll; got {v:?}"))
         }
 
-        pub fn name(self) -> &'static str {
+        fn name(self) -> &'static str {
             match self {
                 Echo::Thread => "thread",
                 Echo::Epoll => "epoll",
