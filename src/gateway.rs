@@ -5,16 +5,17 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use netstack::ipv4frag::{self, Reassembler, Reassembly};
 use netstack::nat::{LargeSegments, Nat, NatConfig};
 use netstack::{Gateway, GatewayConfig, L2Dest, Output, UdpDatagram};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::plan::Plan;
-use crate::switch::{PortRx, PortTx, Switch};
+use crate::switch::{Fast, PortRx, PortTx, Switch};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
@@ -173,9 +174,13 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         Arc::new(move |f: Bytes, partial| sink_port.send_partial(f, partial)),
     );
     let (fast_nat, fast_config) = (nat.clone(), gateway_config.clone());
+    let reassembler = gateway.reassembler();
     switch.set_fast_path(
         &port,
         Arc::new(move |frame: &Bytes, partial| {
+            if partial.is_none() && frame.len() > 14 && ipv4frag::is_fragment(&frame[14..]) {
+                return reassemble(&fast_config, &fast_nat, &reassembler, frame);
+            }
             fast_path(&fast_config, &fast_nat, frame, partial.is_some())
         }),
     );
@@ -213,29 +218,61 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
 /// sending port's task, without a copy or a trip through the gateway's queue and task, when
 /// it is one the gateway would only route (everything else takes the full path). `partial`:
 /// its checksum is left partial by the guest's kernel, nothing to verify.
-fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes, partial: bool) -> bool {
+fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes, partial: bool) -> Fast {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
-        return false;
+        return Fast::Declined;
     }
     let src_mac: netstack::MacAddr = frame[6..12].try_into().unwrap();
     let ip = &frame[14..];
     match ip[9] {
         6 => {
             let Some(len) = config.routed_tcp_len(ip) else {
-                return false;
+                return Fast::Declined;
             };
             nat.route_tcp(src_mac, frame.slice(14..14 + len), partial);
         }
         17 => {
             let Some((src, dst, ttl, payload)) = config.routed_udp(ip, partial) else {
-                return false;
+                return Fast::Declined;
             };
             let payload = frame.slice(14 + payload.start..14 + payload.end);
             nat.route_udp(src_mac, src, dst, ttl, payload);
         }
-        _ => return false,
+        _ => return Fast::Declined,
     }
-    true
+    Fast::Taken
+}
+
+/// A guest's IPv4 fragment (header checked) is reassembled on the thread of the port that
+/// sent it, in the gateway's reassembler. A whole datagram that the fast path routes goes to
+/// the NAT from here, so that it leaves before the flow's next datagrams, which take the fast
+/// path on this thread (reassembled in the gateway's task, on another thread, a large datagram
+/// was overtaken by the small ones the guest sent after it). Any other whole packet (a large
+/// ping, a query to the DNS address) goes to the gateway's queue in place of the fragment.
+fn reassemble(
+    config: &GatewayConfig,
+    nat: &Nat,
+    reassembler: &Mutex<Reassembler>,
+    frame: &Bytes,
+) -> Fast {
+    let pushed = reassembler
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(&frame[14..], Instant::now());
+    let whole = match pushed {
+        Reassembly::Complete(whole) => whole,
+        // Held, or dropped and counted there.
+        Reassembly::Pending | Reassembly::Dropped(_) => return Fast::Taken,
+        Reassembly::NotFragment => return Fast::Declined,
+    };
+    let mut f = BytesMut::with_capacity(14 + whole.len());
+    f.extend_from_slice(&frame[..14]);
+    f.extend_from_slice(&whole);
+    let f = f.freeze();
+    match fast_path(config, nat, &f, false) {
+        Fast::Declined => Fast::Queue(f),
+        taken => taken,
+    }
 }
 
 struct Task {
@@ -268,7 +305,7 @@ async fn run(
             Some(reply) = stats.recv() => {
                 let _ = reply.send(GatewayStats {
                     gateway: t.gateway.counters().clone(),
-                    fragments: t.gateway.fragment_counters().clone(),
+                    fragments: t.gateway.fragment_counters(),
                     dhcp: t.dhcp.counters().clone(),
                 });
                 continue;
@@ -342,5 +379,63 @@ impl Task {
             }
             self.leases.send_replace(now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlanSettings;
+    use smoltcp::wire::Ipv4Packet;
+
+    /// A guest datagram that came in fragments leaves for the host from the thread that
+    /// received its last fragment, ahead of the guest's next datagram of the flow: both are
+    /// in the host socket's queue, in order, before the gateway's task has run at all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fragmented_datagram_leaves_before_the_next_one() {
+        let plan = Plan::resolve(PlanSettings::default(), &[]).unwrap();
+        let switch = Switch::new(plan.mtu);
+        let dhcp = dhcp::Server::new(dhcp_config(&plan), Vec::new()).unwrap();
+        let setup = GatewaySetup {
+            dhcp,
+            lease_file: None,
+            nat: nat_config(&plan),
+            dns: None,
+        };
+        let _gateway = start(&switch, &plan, setup);
+        let (guest, _rx) = switch.attach("guest");
+        let host = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        host.set_nonblocking(true).unwrap();
+        let port = host.local_addr().unwrap().port();
+
+        let mac = [0x52, 0x55, 0x55, 0, 0, 0x15];
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 5, 15), 40000);
+        let dst = SocketAddrV4::new(plan.host_ip, port);
+        let to = L2Dest::Mac(plan.gateway_mac);
+        let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut frame = netstack::build_udp_frame(mac, to, src, dst, &big);
+        {
+            let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+            ip.set_dont_frag(false);
+            ip.fill_checksum();
+        }
+        let pieces = ipv4frag::fragment(&frame[14..], 1500).unwrap();
+        assert_eq!(pieces.len(), 3);
+        for piece in pieces {
+            let mut f = frame[..14].to_vec();
+            f.extend_from_slice(&piece);
+            guest.send(Bytes::from(f));
+        }
+        guest.send(Bytes::from(netstack::build_udp_frame(
+            mac, to, src, dst, b"next",
+        )));
+
+        let mut buf = [0u8; 4096];
+        let n = host
+            .recv(&mut buf)
+            .expect("the whole datagram is there already");
+        assert_eq!(&buf[..n], &big[..]);
+        let n = host.recv(&mut buf).expect("and the next one after it");
+        assert_eq!(&buf[..n], b"next");
     }
 }

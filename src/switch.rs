@@ -96,10 +96,23 @@ struct Port {
     fast: Option<FastPath>,
 }
 
-/// A port's synchronous receiver for unicast frames: true when it took the frame, false to
-/// have it queued as usual (with its checksum completed). Runs on the sending port's task,
-/// outside the switch's lock. `Some(partial)`: the frame's checksum is left partial.
-pub type FastPath = Arc<dyn Fn(&Bytes, Option<Partial>) -> bool + Send + Sync>;
+/// A port's synchronous receiver for unicast frames ([`Fast`] says what it did). Runs on the
+/// sending port's task, outside the switch's lock. `Some(partial)`: the frame's checksum is
+/// left partial.
+pub type FastPath = Arc<dyn Fn(&Bytes, Option<Partial>) -> Fast + Send + Sync>;
+
+/// What a port's [`FastPath`] did with a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fast {
+    /// It took the frame.
+    Taken,
+    /// Not taken: the frame goes to the port's queue as usual (its checksum completed).
+    Declined,
+    /// It took the frame and has this one queued to the port in its place, with the same
+    /// source and destination (the fragments of a packet reassembled, that the port's task
+    /// must handle whole).
+    Queue(Bytes),
+}
 
 /// The largest frame between ports that take large frames: a 64 KiB IP packet and its
 /// Ethernet header.
@@ -399,13 +412,17 @@ impl Switch {
                 if let Some(fast) =
                     fast.filter(|_| large || (datagrams.is_none() && frame.len() <= self.max_frame))
                 {
-                    if fast(&frame, partial) {
-                        if frame.len() > self.max_frame {
-                            SwitchCounters::bump(&c.large_frames);
+                    match fast(&frame, partial) {
+                        Fast::Taken => {
+                            if frame.len() > self.max_frame {
+                                SwitchCounters::bump(&c.large_frames);
+                            }
+                            SwitchCounters::bump(&c.frames_out);
+                            c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                            return;
                         }
-                        SwitchCounters::bump(&c.frames_out);
-                        c.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                        return;
+                        Fast::Queue(instead) => return self.enqueue_to(&tx, large, instead),
+                        Fast::Declined => {}
                     }
                 }
                 if let Some(p) = datagrams {
@@ -736,7 +753,7 @@ mod tests {
             port,
             Arc::new(move |f: &Bytes, p| {
                 s.lock().unwrap().push((f.clone(), p));
-                true
+                Fast::Taken
             }),
         );
         seen

@@ -25,8 +25,9 @@ pub struct Counters {
     pub drop_malformed_ipv4: u64,
     /// IPv4 header checksum mismatch.
     pub drop_bad_ipv4_checksum: u64,
-    /// IPv4 fragments dropped by reassembly (overlaps, oversize, bounds; details in the
-    /// reassembler's own counters).
+    /// IPv4 fragments that reached the gateway and were dropped by reassembly (overlaps,
+    /// oversize, bounds). The reassembler's own counters ([`crate::ipv4frag::FragCounters`])
+    /// hold every drop, of fragments reassembled elsewhere too ([`crate::Gateway::reassembler`]).
     pub drop_fragment: u64,
     /// Truncated UDP packets, lying UDP length, bad UDP checksum.
     pub drop_malformed_udp: u64,

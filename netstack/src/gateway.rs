@@ -5,6 +5,7 @@
 //! or to the host address) to the caller as [`Routed`], for the NAT. It opens no sockets.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
@@ -229,7 +230,8 @@ pub enum Output {
 pub struct Gateway {
     config: GatewayConfig,
     neighbors: Neighbors,
-    reassembler: Reassembler,
+    /// Shared with whoever reassembles on other threads ([`Gateway::reassembler`]).
+    reassembler: Arc<Mutex<Reassembler>>,
     counters: Counters,
 }
 
@@ -239,7 +241,7 @@ impl Gateway {
         Gateway {
             config,
             neighbors: Neighbors::default(),
-            reassembler: Reassembler::new(ReassemblyConfig::default()),
+            reassembler: Arc::new(Mutex::new(Reassembler::new(ReassemblyConfig::default()))),
             counters: Counters::default(),
         }
     }
@@ -254,14 +256,29 @@ impl Gateway {
         &self.counters
     }
 
-    /// What IPv4 reassembly has counted so far.
-    pub fn fragment_counters(&self) -> &FragCounters {
-        self.reassembler.counters()
+    /// What IPv4 reassembly has counted so far (here and through [`Gateway::reassembler`]).
+    pub fn fragment_counters(&self) -> FragCounters {
+        self.fragments().counters().clone()
+    }
+
+    /// The gateway's reassembler, for a caller that reassembles a guest's fragments on the
+    /// thread that received them (a fast path: the whole datagram then goes on from there, in
+    /// order with what the guest sent after it). One reassembler, so one memory bound and one
+    /// count; [`Gateway::expire`] expires what is held there too.
+    pub fn reassembler(&self) -> Arc<Mutex<Reassembler>> {
+        Arc::clone(&self.reassembler)
     }
 
     /// Forget incomplete datagrams past their time; call about once a second.
     pub fn expire(&mut self, now: Instant) {
-        self.reassembler.expire(now);
+        self.fragments().expire(now);
+    }
+
+    fn fragments(&self) -> MutexGuard<'_, Reassembler> {
+        // A panic elsewhere while holding it leaves nothing half-done that matters here.
+        self.reassembler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The MAC a guest address was last seen at.
@@ -345,7 +362,8 @@ impl Gateway {
             return;
         }
         if ip.more_frags() || ip.frag_offset() != 0 {
-            match self.reassembler.push(payload, now) {
+            let pushed = self.fragments().push(payload, now);
+            match pushed {
                 Reassembly::Complete(whole) => self.on_ipv4(src_mac, &whole, now, out),
                 Reassembly::Pending | Reassembly::NotFragment => {}
                 Reassembly::Dropped(_) => self.counters.drop_fragment += 1,

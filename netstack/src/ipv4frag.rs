@@ -549,6 +549,17 @@ pub enum FragmentError {
     Malformed,
 }
 
+/// Whether `packet` is an IPv4 fragment (MF set or an offset) whose header is valid, its
+/// checksum checked: what a caller of [`Reassembler::push`] must have made sure of.
+pub fn is_fragment(packet: &[u8]) -> bool {
+    match Ipv4Packet::new_checked(packet) {
+        Ok(ip) => {
+            ip.version() == 4 && (ip.more_frags() || ip.frag_offset() != 0) && ip.verify_checksum()
+        }
+        Err(_) => false,
+    }
+}
+
 /// Split one IPv4 packet into fragments that each fit `mtu` (IP total length <= `mtu`).
 ///
 /// Returns the packet unchanged (one element, trimmed to its total length) if it fits. If DF is

@@ -35,7 +35,7 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::busypoll::BusyPoll;
-use crate::switch::{Partial, PortRx, PortTx, Switch, SwitchCounters};
+use crate::switch::{Fast, Partial, PortRx, PortTx, Switch, SwitchCounters};
 use netstack::nat::{Task, Workers};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -230,7 +230,11 @@ pub fn start(
         Arc::new(move |frame: &Bytes, partial| {
             let q = queue_of(tap).unwrap_or(0);
             let q = if direct[q].is_attached() { q } else { 0 };
-            direct[q].offer(frame, partial)
+            if direct[q].offer(frame, partial) {
+                Fast::Taken
+            } else {
+                Fast::Declined
+            }
         }),
     );
     // Each queue's thread owns its worker; the NAT's [`Queues`] only refer to them.
