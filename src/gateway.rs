@@ -178,7 +178,8 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
     switch.set_fast_path(
         &port,
         Arc::new(move |frame: &Bytes, partial| {
-            if partial.is_none() && frame.len() > 14 && ipv4frag::is_fragment(&frame[14..]) {
+            let ipv4 = frame.len() > 14 && frame[12..14] == [0x08, 0x00];
+            if ipv4 && partial.is_none() && ipv4frag::is_fragment(&frame[14..]) {
                 return reassemble(&fast_config, &fast_nat, &reassembler, frame);
             }
             fast_path(&fast_config, &fast_nat, frame, partial.is_some())
@@ -437,5 +438,64 @@ mod tests {
         assert_eq!(&buf[..n], &big[..]);
         let n = host.recv(&mut buf).expect("and the next one after it");
         assert_eq!(&buf[..n], b"next");
+    }
+
+    /// A packet reassembled on the sending port's thread that the fast path does not route
+    /// (a ping to the DNS address, longer than the MTU) reaches the gateway's task whole, which
+    /// answers it in fragments.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fragmented_ping_to_the_gateway_is_answered() {
+        let plan = Plan::resolve(PlanSettings::default(), &[]).unwrap();
+        let switch = Switch::new(plan.mtu);
+        let dhcp = dhcp::Server::new(dhcp_config(&plan), Vec::new()).unwrap();
+        let setup = GatewaySetup {
+            dhcp,
+            lease_file: None,
+            nat: nat_config(&plan),
+            dns: None,
+        };
+        let _gateway = start(&switch, &plan, setup);
+        let (guest, mut rx) = switch.attach("guest");
+
+        // An echo request of 3000 bytes: a UDP frame of that length made ICMP.
+        let mac = [0x52, 0x55, 0x55, 0, 0, 0x15];
+        let src = SocketAddrV4::new(Ipv4Addr::new(192, 168, 5, 15), 0);
+        let dst = SocketAddrV4::new(plan.dns_ip, 0);
+        let to = L2Dest::Mac(plan.gateway_mac);
+        let mut frame = netstack::build_udp_frame(mac, to, src, dst, &[0; 3000 - 8]);
+        let data: Vec<u8> = (0..3000 - 8).map(|i: u32| (i * 7) as u8).collect();
+        {
+            let ip = &mut frame[14..];
+            ip[9] = 1;
+            let icmp = &mut ip[20..];
+            icmp[..8].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
+            icmp[8..].copy_from_slice(&data);
+            smoltcp::wire::Icmpv4Packet::new_unchecked(icmp).fill_checksum();
+            let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+            ip.set_dont_frag(false);
+            ip.fill_checksum();
+        }
+        for piece in ipv4frag::fragment(&frame[14..], 1500).unwrap() {
+            let mut f = frame[..14].to_vec();
+            f.extend_from_slice(&piece);
+            guest.send(Bytes::from(f));
+        }
+
+        let mut reassembler = Reassembler::default();
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let f = rx.frames.recv().await.expect("the switch is up");
+                assert!(f.len() <= 14 + 1500, "each piece fits the MTU");
+                if let Reassembly::Complete(whole) = reassembler.push(&f[14..], Instant::now()) {
+                    return whole;
+                }
+            }
+        })
+        .await
+        .expect("an answer within 5 s");
+        assert_eq!(reply[9], 1, "ICMP");
+        assert_eq!(&reply[20..22], &[0, 0], "an echo reply");
+        assert_eq!(&reply[24..28], &[0x12, 0x34, 0, 1], "its id and sequence");
+        assert_eq!(&reply[28..], &data[..]);
     }
 }

@@ -110,7 +110,7 @@ pub enum Fast {
     Declined,
     /// It took the frame and has this one queued to the port in its place, with the same
     /// source and destination (the fragments of a packet reassembled, that the port's task
-    /// must handle whole).
+    /// must handle whole). Longer than the MTU only for a port that takes large frames.
     Queue(Bytes),
 }
 
@@ -286,8 +286,9 @@ impl Switch {
         )
     }
 
-    /// Hand unicast frames for `port` to `fast` first (the gateway takes the segments of
-    /// connections the NAT already carries without a trip through its queue and task).
+    /// Hand unicast frames for `port` to `fast` first (the gateway routes the guests' TCP
+    /// segments and UDP datagrams without a trip through its queue and task, and reassembles
+    /// their fragments, queueing what it does not route as a whole packet, [`Fast::Queue`]).
     pub fn set_fast_path(&self, port: &PortTx, fast: FastPath) {
         if let Some(p) = self.state.lock().unwrap().ports.get_mut(&port.id) {
             p.fast = Some(fast);
@@ -802,6 +803,38 @@ mod tests {
         pa.send_partial(f, Some(p));
         assert_eq!(drain(&mut rb), vec![whole.clone()]);
         assert_eq!(drain(&mut rc), vec![whole]);
+    }
+
+    /// What a fast path hands back to be queued in place of a frame reaches the port's queue,
+    /// large (a reassembled packet) when the port takes large frames; a declined frame is
+    /// queued as it is, and a taken one not at all.
+    #[test]
+    fn fast_paths_take_decline_or_queue_another_frame() {
+        let sw = Switch::new(1500);
+        let (pa, mut ra) = sw.attach("a");
+        let (pb, mut rb) = sw.attach_large("b");
+        pb.send(frame([0xff; 6], B));
+        drain(&mut ra);
+        let whole = Bytes::from(vec![7u8; 9000]);
+        let instead = whole.clone();
+        sw.set_fast_path(
+            &pb,
+            Arc::new(move |f: &Bytes, _| match f.last() {
+                Some(1) => Fast::Taken,
+                Some(2) => Fast::Queue(instead.clone()),
+                _ => Fast::Declined,
+            }),
+        );
+        let with_last = |b: u8| {
+            let mut f = frame(B, A).to_vec();
+            f.push(b);
+            Bytes::from(f)
+        };
+        for b in [1, 2, 3] {
+            pa.send(with_last(b));
+        }
+        assert_eq!(drain(&mut rb), vec![whole, with_last(3)]);
+        assert_eq!(sw.counters().drop_oversize.load(Ordering::Relaxed), 0);
     }
 
     /// A frame of `n` UDP datagrams of `seg` bytes (numbered by their first byte) from A to
