@@ -389,11 +389,8 @@ mod tests {
     use crate::plan::PlanSettings;
     use smoltcp::wire::Ipv4Packet;
 
-    /// A guest datagram that came in fragments leaves for the host from the thread that
-    /// received its last fragment, ahead of the guest's next datagram of the flow: both are
-    /// in the host socket's queue, in order, before the gateway's task has run at all.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_fragmented_datagram_leaves_before_the_next_one() {
+    /// A gateway on a switch, with the default plan (the host address is the host's loopback).
+    fn gateway() -> (Plan, Arc<Switch>, GatewayHandle) {
         let plan = Plan::resolve(PlanSettings::default(), &[]).unwrap();
         let switch = Switch::new(plan.mtu);
         let dhcp = dhcp::Server::new(dhcp_config(&plan), Vec::new()).unwrap();
@@ -403,7 +400,16 @@ mod tests {
             nat: nat_config(&plan),
             dns: None,
         };
-        let _gateway = start(&switch, &plan, setup);
+        let handle = start(&switch, &plan, setup);
+        (plan, switch, handle)
+    }
+
+    /// A guest datagram that came in fragments leaves for the host from the thread that
+    /// received its last fragment, ahead of the guest's next datagram of the flow: both are
+    /// in the host socket's queue, in order, before the gateway's task has run at all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_fragmented_datagram_leaves_before_the_next_one() {
+        let (plan, switch, _gateway) = gateway();
         let (guest, _rx) = switch.attach("guest");
         let host = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         host.set_nonblocking(true).unwrap();
@@ -445,16 +451,7 @@ mod tests {
     /// answers it in fragments.
     #[tokio::test(flavor = "current_thread")]
     async fn a_fragmented_ping_to_the_gateway_is_answered() {
-        let plan = Plan::resolve(PlanSettings::default(), &[]).unwrap();
-        let switch = Switch::new(plan.mtu);
-        let dhcp = dhcp::Server::new(dhcp_config(&plan), Vec::new()).unwrap();
-        let setup = GatewaySetup {
-            dhcp,
-            lease_file: None,
-            nat: nat_config(&plan),
-            dns: None,
-        };
-        let _gateway = start(&switch, &plan, setup);
+        let (plan, switch, _gateway) = gateway();
         let (guest, mut rx) = switch.attach("guest");
 
         // An echo request of 3000 bytes: a UDP frame of that length made ICMP.
