@@ -405,14 +405,16 @@ mod tests {
     }
 
     /// A guest datagram that came in fragments leaves for the host from the thread that
-    /// received its last fragment, ahead of the guest's next datagram of the flow: both are
-    /// in the host socket's queue, in order, before the gateway's task has run at all.
+    /// received its last fragment, ahead of the guest's next datagram of the flow: both reach
+    /// the host socket, in order, while the gateway's task has not run at all.
     #[tokio::test(flavor = "current_thread")]
     async fn a_fragmented_datagram_leaves_before_the_next_one() {
         let (plan, switch, _gateway) = gateway();
         let (guest, _rx) = switch.attach("guest");
         let host = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        host.set_nonblocking(true).unwrap();
+        // Blocking, and no await below: the gateway's task cannot run meanwhile.
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         let port = host.local_addr().unwrap().port();
 
         let mac = [0x52, 0x55, 0x55, 0, 0, 0x15];
@@ -438,9 +440,7 @@ mod tests {
         )));
 
         let mut buf = [0u8; 4096];
-        let n = host
-            .recv(&mut buf)
-            .expect("the whole datagram is there already");
+        let n = host.recv(&mut buf).expect("the whole datagram first");
         assert_eq!(&buf[..n], &big[..]);
         let n = host.recv(&mut buf).expect("and the next one after it");
         assert_eq!(&buf[..n], b"next");
