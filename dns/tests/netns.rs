@@ -319,8 +319,9 @@ fn silent_upstream_gives_servfail_and_slow_lookups_block_nothing() {
             let t0 = Instant::now();
             let (a, _) = udp(addr, &query("myhost.internal.", RecordType::A, None)).await;
             assert_eq!(addrs(&a), vec![ip("10.9.9.9")]);
+            // Well under the 2 s the slow ones wait (a loaded machine may take a while).
             assert!(
-                t0.elapsed() < Duration::from_millis(200),
+                t0.elapsed() < Duration::from_millis(1000),
                 "{:?}",
                 t0.elapsed()
             );
