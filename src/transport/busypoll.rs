@@ -191,9 +191,10 @@ mod tests {
                 }
                 assert!(bp.since_last() >= bp.window(), "round {round}");
             }
-            // The first frame doubled the window (a gap within the limit since the start),
-            // the second came after a millisecond or more, beyond the limit: halved.
-            assert_eq!(bp.window(), START);
+            // The first frame doubled the window (a gap within the limit since the start,
+            // unless the test was preempted for longer), the second came after a millisecond
+            // or more, beyond the limit: halved, back to the start or below.
+            assert!(bp.window() <= START, "{:?}", bp.window());
         };
         tokio::select! {
             () = bp.run() => unreachable!(),
