@@ -356,10 +356,15 @@ fn half_close_both_ways() {
                 srv.describe()
             ));
         }
-        let seen = json_lines(&srv.stdout());
+        // The server reports after it answered: wait for its line.
+        let reported = |l: &Value| s(l, "peer") == peer && u(l, "got") == REQ;
+        let mut seen = Vec::new();
+        poll_until(Duration::from_secs(5), || {
+            seen = json_lines(&srv.stdout());
+            seen.iter().any(reported)
+        });
         rig.check(
-            seen.iter()
-                .any(|l| s(l, "peer") == peer && u(l, "got") == REQ),
+            seen.iter().any(reported),
             format!(
                 "the server should report {REQ} bytes from {peer}\n{}",
                 srv.describe()
@@ -1337,10 +1342,15 @@ fn udp_echo_sizes_and_flow_timeout() {
                 srv.describe()
             ));
         }
-        let seen = json_lines(&srv.stdout());
+        // The server reports after it echoed: wait for its line.
+        let reported = |l: &Value| s(l, "peer") == peer && u(l, "len") == 60000;
+        let mut seen = Vec::new();
+        poll_until(Duration::from_secs(5), || {
+            seen = json_lines(&srv.stdout());
+            seen.iter().any(reported)
+        });
         rig.check(
-            seen.iter()
-                .any(|l| s(l, "peer") == peer && u(l, "len") == 60000),
+            seen.iter().any(reported),
             format!(
                 "the echo server behind {target} should have seen the 60000-byte datagram from \
                  {peer}\n{}",
@@ -1364,7 +1374,12 @@ fn udp_echo_sizes_and_flow_timeout() {
         Duration::from_secs(30),
     );
     let exchanged = Instant::now();
-    let both = ports(&on_s);
+    // The server reports a datagram after echoing it: wait for its line.
+    let mut both = ports(&on_s);
+    poll_until(Duration::from_secs(5), || {
+        both = ports(&on_s);
+        both.len() >= 2
+    });
     if first.len() != 1 || both.len() != 2 || v.pointer("/results/0/ok") != Some(&Value::Bool(true))
     {
         rig.fail(format!(
