@@ -242,15 +242,25 @@ async fn two_vms_on_one_listener_reach_each_other() {
 
 #[tokio::test]
 async fn tcp_listener_serves_stream_peers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let switch = Switch::new(1500);
     let mut probe = Probe::new(&switch);
-    stream::listen(&switch, &StreamAddr::Tcp(port))
-        .await
-        .unwrap();
+    // A port that was free a moment ago; another test's process may take it meanwhile: then
+    // another.
+    let mut tries = 0;
+    let port = loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        match stream::listen(&switch, &StreamAddr::Tcp(port)).await {
+            Ok(_) => break port,
+            Err(e) if tries < 10 => {
+                tries += 1;
+                eprintln!("listening on {port}: {e}; another port");
+            }
+            Err(e) => panic!("listening on {port}: {e}"),
+        }
+    };
     let mut vm = tokio::net::TcpStream::connect(port).await.unwrap();
     vm.write_all(&prefixed(&broadcast_from(VM_A, b"over tcp")))
         .await
