@@ -381,11 +381,9 @@ async fn fallback_answers_when_the_nameserver_is_silent_or_down() {
     assert_eq!(a.answers.len(), 1);
     assert!(t0.elapsed() < Duration::from_secs(3));
 
-    // A closed port (connection refused) moves on at once.
-    let closed = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap()
-    };
+    // A closed port (connection refused) moves on at once. The discard port, which no test
+    // binds (a port picked free and let go could be another test process's by now).
+    let closed: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     let l = local(|c| {
         c.nameservers = vec![closed];
         c.fallback = vec![fallback.addr];
@@ -398,8 +396,9 @@ async fn fallback_answers_when_the_nameserver_is_silent_or_down() {
     )
     .await;
     assert_eq!(a.answers.len(), 1);
+    // Well under the 3 s bound.
     assert!(
-        t0.elapsed() < Duration::from_millis(500),
+        t0.elapsed() < Duration::from_millis(1500),
         "{:?}",
         t0.elapsed()
     );
@@ -418,7 +417,7 @@ async fn fallback_answers_when_the_nameserver_is_silent_or_down() {
     .await;
     assert_eq!(a.metadata.response_code, ResponseCode::ServFail);
     assert!(
-        t0.elapsed() < Duration::from_millis(500),
+        t0.elapsed() < Duration::from_millis(1500),
         "{:?}",
         t0.elapsed()
     );
