@@ -1155,10 +1155,9 @@ mod tests {
 
     #[tokio::test]
     async fn error_queue_reports_port_unreachable_from_loopback() {
-        // A closed port on 127.0.0.1: bind a socket to learn a free port, then close it.
-        let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = free.local_addr().unwrap().port();
-        drop(free);
+        // A closed port on 127.0.0.1: the discard port, which no test binds (a port picked
+        // free and let go could be another test process's by now).
+        let port = 9;
         let sock =
             Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP)).unwrap();
         set_recverr(sock.as_raw_fd()).unwrap();
