@@ -864,6 +864,54 @@ fn timestamps_let_the_guest_reuse_time_wait_ports() {
     ));
 }
 
+/// A UDP flow's host socket asks for a large receive buffer (room for a host's burst while the
+/// daemon's thread is busy): the daemon namespace's kernel shows it, as much as
+/// `net.core.rmem_max` allows, where a socket that does not ask has `rmem_default`.
+#[test]
+fn udp_flow_sockets_get_a_large_receive_buffer() {
+    let Some(rig) = rig("udp_flow_sockets_get_a_large_receive_buffer", &[]) else {
+        return;
+    };
+    let mut echo = rig.tool_server(&rig.d, &["udp-echo", "127.0.0.1", "9019"], 'u', 9019);
+    let (v, out) = rig.tool_json(
+        &rig.g,
+        &["udp-echo-client", HOST, "9019", "40300", "100"],
+        Duration::from_secs(30),
+    );
+    if v.pointer("/results/0/ok") != Some(&Value::Bool(true)) {
+        rig.fail(format!(
+            "UDP echo via {HOST}:9019\n{}\n{}",
+            out.describe(),
+            echo.describe()
+        ));
+    }
+    // usernet's flow socket: the one connected to the echo server.
+    let out = run_with_deadline(
+        rig.d.exec("ss", &["-uanmH", "dst", "127.0.0.1:9019"]),
+        Duration::from_secs(5),
+    );
+    let rb = out.stdout.split("rb").nth(1).and_then(|t| {
+        t.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(212_992);
+    let want = 2 * rmem_max.min(1 << 20);
+    rig.check(
+        rb.is_some_and(|rb| rb >= want),
+        format!(
+            "the flow socket's receive buffer should be {want} (2 x min(1 MiB, rmem_max \
+             {rmem_max})): ss {:?}",
+            out.stdout
+        ),
+    );
+    note(format!("flow socket: {}", out.stdout.trim()));
+    echo.kill();
+}
+
 /// A host connection that lasts gets keep-alive probes (armed after a second, so that short
 /// connections skip the two system calls): the daemon namespace's kernel shows the timer.
 #[test]

@@ -38,6 +38,8 @@ use crate::MacAddr;
 
 /// Flows at most; datagrams that would open more are dropped (`drop_limit`).
 pub(crate) const MAX_FLOWS: usize = 65536;
+/// The receive buffer a flow's host socket asks for.
+const FLOW_RCVBUF: usize = 1 << 20;
 /// Datagrams queued towards one flow's host socket; more are dropped (`drop_queue_full`).
 const INBOX: usize = 64;
 /// The largest UDP payload in an IPv4 datagram.
@@ -534,6 +536,10 @@ fn offer(
 fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<HostSocket> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     set_recverr(sock.as_raw_fd())?;
+    // Room for a host's burst while the thread is busy elsewhere (the kernel doubles it, and
+    // caps it at net.core.rmem_max, which unprivileged it cannot pass: 2 x 208 KiB by
+    // default against 208 KiB without asking). Charged only for what is queued.
+    let _ = sock.set_recv_buffer_size(FLOW_RCVBUF);
     let bind = shared
         .bind_addr(*target.ip())
         .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
