@@ -5,11 +5,11 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use netstack::ipv4frag::{self, Reassembler, Reassembly};
+use netstack::ipv4frag::{self, Reassembly, SharedReassembler};
 use netstack::nat::{LargeSegments, Nat, NatConfig};
 use netstack::{Gateway, GatewayConfig, L2Dest, Output, UdpDatagram};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -173,17 +173,14 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
         nat_config,
         Arc::new(move |f: Bytes, partial| sink_port.send_partial(f, partial)),
     );
-    let (fast_nat, fast_config) = (nat.clone(), gateway_config.clone());
-    let reassembler = gateway.reassembler();
+    let fast = FastPath {
+        config: gateway_config.clone(),
+        nat: nat.clone(),
+        reassembler: gateway.reassembler(),
+    };
     switch.set_fast_path(
         &port,
-        Arc::new(move |frame: &Bytes, partial| {
-            let ipv4 = frame.len() > 14 && frame[12..14] == [0x08, 0x00];
-            if ipv4 && partial.is_none() && ipv4frag::is_fragment(&frame[14..]) {
-                return reassemble(&fast_config, &fast_nat, &reassembler, frame);
-            }
-            fast_path(&fast_config, &fast_nat, frame, partial.is_some())
-        }),
+        Arc::new(move |frame: &Bytes, partial| fast.offer(frame, partial.is_some())),
     );
     let (stop, stopped) = oneshot::channel();
     let (stats, stats_rx) = mpsc::channel(4);
@@ -217,62 +214,68 @@ pub fn start(switch: &Arc<Switch>, plan: &Plan, setup: GatewaySetup) -> GatewayH
 
 /// The gateway's fast path: a guest's TCP segment or UDP datagram goes to the NAT from the
 /// sending port's task, without a copy or a trip through the gateway's queue and task, when
-/// it is one the gateway would only route (everything else takes the full path). `partial`:
-/// its checksum is left partial by the guest's kernel, nothing to verify.
-fn fast_path(config: &GatewayConfig, nat: &Nat, frame: &Bytes, partial: bool) -> Fast {
-    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
-        return Fast::Declined;
-    }
-    let src_mac: netstack::MacAddr = frame[6..12].try_into().unwrap();
-    let ip = &frame[14..];
-    match ip[9] {
-        6 => {
-            let Some(len) = config.routed_tcp_len(ip) else {
-                return Fast::Declined;
-            };
-            nat.route_tcp(src_mac, frame.slice(14..14 + len), partial);
-        }
-        17 => {
-            let Some((src, dst, ttl, payload)) = config.routed_udp(ip, partial) else {
-                return Fast::Declined;
-            };
-            let payload = frame.slice(14 + payload.start..14 + payload.end);
-            nat.route_udp(src_mac, src, dst, ttl, payload);
-        }
-        _ => return Fast::Declined,
-    }
-    Fast::Taken
+/// it is one the gateway would only route (everything else takes the full path); fragments
+/// are reassembled there ([`FastPath::reassemble`]).
+struct FastPath {
+    config: GatewayConfig,
+    nat: Nat,
+    reassembler: SharedReassembler,
 }
 
-/// A guest's IPv4 fragment (header checked) is reassembled on the thread of the port that
-/// sent it, in the gateway's reassembler. A whole datagram that the fast path routes goes to
-/// the NAT from here, so that it leaves before the flow's next datagrams, which take the fast
-/// path on this thread (reassembled in the gateway's task, on another thread, a large datagram
-/// was overtaken by the small ones the guest sent after it). Any other whole packet (a large
-/// ping, a query to the DNS address) goes to the gateway's queue in place of the fragment.
-fn reassemble(
-    config: &GatewayConfig,
-    nat: &Nat,
-    reassembler: &Mutex<Reassembler>,
-    frame: &Bytes,
-) -> Fast {
-    let pushed = reassembler
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(&frame[14..], Instant::now());
-    let whole = match pushed {
-        Reassembly::Complete(whole) => whole,
-        // Held, or dropped and counted there.
-        Reassembly::Pending | Reassembly::Dropped(_) => return Fast::Taken,
-        Reassembly::NotFragment => return Fast::Declined,
-    };
-    let mut f = BytesMut::with_capacity(14 + whole.len());
-    f.extend_from_slice(&frame[..14]);
-    f.extend_from_slice(&whole);
-    let f = f.freeze();
-    match fast_path(config, nat, &f, false) {
-        Fast::Declined => Fast::Queue(f),
-        taken => taken,
+impl FastPath {
+    /// `partial`: the frame's checksum is left partial by the guest's kernel, nothing to
+    /// verify.
+    fn offer(&self, frame: &Bytes, partial: bool) -> Fast {
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[6] & 1 == 1 {
+            return Fast::Declined;
+        }
+        let ip = &frame[14..];
+        if !partial && ipv4frag::is_fragment(ip) {
+            return self.reassemble(frame);
+        }
+        let (config, nat) = (&self.config, &self.nat);
+        let src_mac: netstack::MacAddr = frame[6..12].try_into().unwrap();
+        match ip[9] {
+            6 => {
+                let Some(len) = config.routed_tcp_len(ip) else {
+                    return Fast::Declined;
+                };
+                nat.route_tcp(src_mac, frame.slice(14..14 + len), partial);
+            }
+            17 => {
+                let Some((src, dst, ttl, payload)) = config.routed_udp(ip, partial) else {
+                    return Fast::Declined;
+                };
+                let payload = frame.slice(14 + payload.start..14 + payload.end);
+                nat.route_udp(src_mac, src, dst, ttl, payload);
+            }
+            _ => return Fast::Declined,
+        }
+        Fast::Taken
+    }
+
+    /// A guest's IPv4 fragment (header checked) is reassembled on the thread of the port that
+    /// sent it, in the gateway's reassembler. A whole datagram that the fast path routes goes
+    /// to the NAT from here, so that it leaves before the flow's next datagrams, which take the
+    /// fast path on this thread (reassembled in the gateway's task, on another thread, a large
+    /// datagram was overtaken by the small ones the guest sent after it). Any other whole
+    /// packet (a large ping, a query to the DNS address) goes to the gateway's queue in place
+    /// of the fragment.
+    fn reassemble(&self, frame: &Bytes) -> Fast {
+        let whole = match self.reassembler.push(&frame[14..], Instant::now()) {
+            Reassembly::Complete(whole) => whole,
+            // Held, or dropped and counted there.
+            Reassembly::Pending | Reassembly::Dropped(_) => return Fast::Taken,
+            Reassembly::NotFragment => return Fast::Declined,
+        };
+        let mut f = BytesMut::with_capacity(14 + whole.len());
+        f.extend_from_slice(&frame[..14]);
+        f.extend_from_slice(&whole);
+        let f = f.freeze();
+        match self.offer(&f, false) {
+            Fast::Declined => Fast::Queue(f),
+            taken => taken,
+        }
     }
 }
 
@@ -478,7 +481,7 @@ mod tests {
             guest.send(Bytes::from(f));
         }
 
-        let mut reassembler = Reassembler::default();
+        let mut reassembler = ipv4frag::Reassembler::default();
         let reply = tokio::time::timeout(std::time::Duration::from_secs(5), async {
             loop {
                 let f = rx.frames.recv().await.expect("the switch is up");

@@ -5,7 +5,6 @@
 //! or to the host address) to the caller as [`Routed`], for the NAT. It opens no sockets.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
@@ -16,7 +15,7 @@ use smoltcp::wire::{
 
 use crate::counters::Counters;
 use crate::frame::{build_udp_frame, L2Dest};
-use crate::ipv4frag::{FragCounters, Reassembler, Reassembly, ReassemblyConfig};
+use crate::ipv4frag::{FragCounters, Reassembly, ReassemblyConfig, SharedReassembler};
 use crate::neighbor::Neighbors;
 use crate::{arp, icmp, MacAddr};
 
@@ -231,7 +230,7 @@ pub struct Gateway {
     config: GatewayConfig,
     neighbors: Neighbors,
     /// Shared with whoever reassembles on other threads ([`Gateway::reassembler`]).
-    reassembler: Arc<Mutex<Reassembler>>,
+    reassembler: SharedReassembler,
     counters: Counters,
 }
 
@@ -241,7 +240,7 @@ impl Gateway {
         Gateway {
             config,
             neighbors: Neighbors::default(),
-            reassembler: Arc::new(Mutex::new(Reassembler::new(ReassemblyConfig::default()))),
+            reassembler: SharedReassembler::new(ReassemblyConfig::default()),
             counters: Counters::default(),
         }
     }
@@ -258,27 +257,20 @@ impl Gateway {
 
     /// What IPv4 reassembly has counted so far (here and through [`Gateway::reassembler`]).
     pub fn fragment_counters(&self) -> FragCounters {
-        self.fragments().counters().clone()
+        self.reassembler.counters()
     }
 
     /// The gateway's reassembler, for a caller that reassembles a guest's fragments on the
     /// thread that received them (a fast path: the whole datagram then goes on from there, in
     /// order with what the guest sent after it). One reassembler, so one memory bound and one
     /// count; [`Gateway::expire`] expires what is held there too.
-    pub fn reassembler(&self) -> Arc<Mutex<Reassembler>> {
-        Arc::clone(&self.reassembler)
+    pub fn reassembler(&self) -> SharedReassembler {
+        self.reassembler.clone()
     }
 
     /// Forget incomplete datagrams past their time; call about once a second.
     pub fn expire(&mut self, now: Instant) {
-        self.fragments().expire(now);
-    }
-
-    fn fragments(&self) -> MutexGuard<'_, Reassembler> {
-        // A panic elsewhere while holding it leaves nothing half-done that matters here.
-        self.reassembler
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.reassembler.expire(now);
     }
 
     /// The MAC a guest address was last seen at.
@@ -362,8 +354,7 @@ impl Gateway {
             return;
         }
         if ip.more_frags() || ip.frag_offset() != 0 {
-            let pushed = self.fragments().push(payload, now);
-            match pushed {
+            match self.reassembler.push(payload, now) {
                 Reassembly::Complete(whole) => self.on_ipv4(src_mac, &whole, now, out),
                 Reassembly::Pending | Reassembly::NotFragment => {}
                 Reassembly::Dropped(_) => self.counters.drop_fragment += 1,

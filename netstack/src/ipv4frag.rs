@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::Ipv4Packet;
@@ -547,6 +548,38 @@ pub enum FragmentError {
     /// whose payload runs past offset 65535).
     #[error("malformed IPv4 packet")]
     Malformed,
+}
+
+/// A [`Reassembler`] that several threads use (a gateway's task, and the ports' threads that
+/// reassemble what they send it): one memory bound and one count for all. Clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct SharedReassembler(Arc<Mutex<Reassembler>>);
+
+impl SharedReassembler {
+    /// A shared reassembler with these limits.
+    pub fn new(config: ReassemblyConfig) -> Self {
+        SharedReassembler(Arc::new(Mutex::new(Reassembler::new(config))))
+    }
+
+    /// [`Reassembler::push`].
+    pub fn push(&self, packet: &[u8], now: Instant) -> Reassembly {
+        self.lock().push(packet, now)
+    }
+
+    /// [`Reassembler::expire`].
+    pub fn expire(&self, now: Instant) -> usize {
+        self.lock().expire(now)
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> FragCounters {
+        self.lock().counters().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Reassembler> {
+        // A panic elsewhere while holding it leaves nothing half-done that matters here.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Whether `packet` is an IPv4 fragment (MF set or an offset) whose header is valid, its
