@@ -536,9 +536,9 @@ fn offer(
 fn open_socket(shared: &Shared, target: SocketAddrV4) -> io::Result<HostSocket> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     set_recverr(sock.as_raw_fd())?;
-    // Room for a host's burst while the thread is busy elsewhere (the kernel doubles it, and
-    // caps it at net.core.rmem_max, which unprivileged it cannot pass: 2 x 208 KiB by
-    // default against 208 KiB without asking). Charged only for what is queued.
+    // Room for a host's burst while the thread is busy elsewhere: the kernel caps the request
+    // at net.core.rmem_max and doubles it (2 x 208 KiB where that is the default, against
+    // 208 KiB without asking). Memory is charged only for what is queued.
     let _ = sock.set_recv_buffer_size(FLOW_RCVBUF);
     let bind = shared
         .bind_addr(*target.ip())
