@@ -407,6 +407,21 @@ mod tests {
         (plan, switch, handle)
     }
 
+    /// Send the IPv4 packet of `frame` from `guest` in fragments of at most 1500 bytes, as a
+    /// guest's kernel sends a datagram longer than the MTU (DF cleared); how many.
+    fn send_in_fragments(guest: &PortTx, mut frame: Vec<u8>) -> usize {
+        let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        ip.set_dont_frag(false);
+        ip.fill_checksum();
+        let pieces = ipv4frag::fragment(&frame[14..], 1500).unwrap();
+        for piece in &pieces {
+            let mut f = frame[..14].to_vec();
+            f.extend_from_slice(piece);
+            guest.send(Bytes::from(f));
+        }
+        pieces.len()
+    }
+
     /// A guest datagram that came in fragments leaves for the host from the thread that
     /// received its last fragment, ahead of the guest's next datagram of the flow: both reach
     /// the host socket, in order, while the gateway's task has not run at all.
@@ -425,19 +440,8 @@ mod tests {
         let dst = SocketAddrV4::new(plan.host_ip, port);
         let to = L2Dest::Mac(plan.gateway_mac);
         let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
-        let mut frame = netstack::build_udp_frame(mac, to, src, dst, &big);
-        {
-            let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
-            ip.set_dont_frag(false);
-            ip.fill_checksum();
-        }
-        let pieces = ipv4frag::fragment(&frame[14..], 1500).unwrap();
-        assert_eq!(pieces.len(), 3);
-        for piece in pieces {
-            let mut f = frame[..14].to_vec();
-            f.extend_from_slice(&piece);
-            guest.send(Bytes::from(f));
-        }
+        let frame = netstack::build_udp_frame(mac, to, src, dst, &big);
+        assert_eq!(send_in_fragments(&guest, frame), 3);
         guest.send(Bytes::from(netstack::build_udp_frame(
             mac, to, src, dst, b"next",
         )));
@@ -471,15 +475,8 @@ mod tests {
             icmp[..8].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
             icmp[8..].copy_from_slice(&data);
             smoltcp::wire::Icmpv4Packet::new_unchecked(icmp).fill_checksum();
-            let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
-            ip.set_dont_frag(false);
-            ip.fill_checksum();
         }
-        for piece in ipv4frag::fragment(&frame[14..], 1500).unwrap() {
-            let mut f = frame[..14].to_vec();
-            f.extend_from_slice(&piece);
-            guest.send(Bytes::from(f));
-        }
+        assert_eq!(send_in_fragments(&guest, frame), 3);
 
         let mut reassembler = ipv4frag::Reassembler::default();
         let reply = tokio::time::timeout(std::time::Duration::from_secs(5), async {
