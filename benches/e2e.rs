@@ -113,7 +113,7 @@ mod child {
             "hold-server" => hold_server(num(1) as u16).map(|_| Value::Null),
             "wait-connect" => addr().and_then(|a| wait_connect(a, num(3))),
             "latency" => addr().and_then(|a| latency(a, num(3))),
-            "connrate" => addr().and_then(|a| connrate(a, num(3))),
+            "connrate" => addr().and_then(|a| connrate(a, num(3), num(4))),
             "open-idle" => addr().and_then(|a| open_idle(a, num(3) as usize)),
             "vm-serve" => vm_serve(num(1) as u16, num(2) as u16, num(3)).map(|_| Value::Null),
             other => Err(format!("unknown child role {other:?}")),
@@ -297,34 +297,73 @@ mod child {
         Ok([ns(t0, t1), ns(t1, t2), ns(t2, t3)])
     }
 
-    /// Connect, 1 byte each way, close, for SECS seconds, one connection at a time; p50 and
-    /// p99 of the whole, and the p50 of each phase (where the time goes).
-    fn connrate(addr: SocketAddr, secs: u64) -> Result<Value, String> {
-        let start = Instant::now();
-        let end = start + Duration::from_secs(secs);
-        let (mut ok, mut errors) = (0u64, 0u64);
-        let mut first_error = None;
-        let mut ns = Vec::new();
-        let mut phases: [Vec<u64>; 3] = Default::default();
+    /// What one connecting thread saw: connections made, errors, the first error, each
+    /// connection's whole time and its phases (ns).
+    #[derive(Default)]
+    struct Connections {
+        ok: u64,
+        errors: u64,
+        first_error: Option<String>,
+        ns: Vec<u64>,
+        phases: [Vec<u64>; 3],
+    }
+
+    /// Connections one at a time until `end` (or 20 errors).
+    fn connect_until(addr: &SocketAddr, end: Instant) -> Connections {
+        let mut c = Connections::default();
         while Instant::now() < end {
-            match one_connection(&addr) {
+            match one_connection(addr) {
                 Ok(p) => {
-                    ok += 1;
-                    ns.push(p.iter().sum());
-                    for (v, t) in phases.iter_mut().zip(p) {
+                    c.ok += 1;
+                    c.ns.push(p.iter().sum());
+                    for (v, t) in c.phases.iter_mut().zip(p) {
                         v.push(t);
                     }
                 }
                 Err(e) => {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| format!("after {ok} connections: {e}"));
-                    if errors >= 20 {
+                    c.errors += 1;
+                    let ok = c.ok;
+                    c.first_error
+                        .get_or_insert_with(|| format!("after {ok} connections: {e}"));
+                    if c.errors >= 20 {
                         break;
                     }
                 }
             }
         }
+        c
+    }
+
+    /// Connect, 1 byte each way, close, for SECS seconds, one connection at a time in each of
+    /// CLIENTS threads; the rate of them all, p50 and p99 of the whole, and the p50 of each
+    /// phase (where the time goes).
+    fn connrate(addr: SocketAddr, secs: u64, clients: u64) -> Result<Value, String> {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(secs);
+        let threads: Vec<_> = (0..clients.max(1))
+            .map(|_| std::thread::spawn(move || connect_until(&addr, end)))
+            .collect();
+        let mut all = Connections::default();
+        for t in threads {
+            let c = t
+                .join()
+                .map_err(|_| "a connecting thread panicked".to_string())?;
+            all.ok += c.ok;
+            all.errors += c.errors;
+            all.first_error = all.first_error.or(c.first_error);
+            all.ns.extend(c.ns);
+            for (a, v) in all.phases.iter_mut().zip(c.phases) {
+                a.extend(v);
+            }
+        }
         let el = start.elapsed().as_secs_f64();
+        let Connections {
+            ok,
+            errors,
+            first_error,
+            mut ns,
+            mut phases,
+        } = all;
         if ok == 0 {
             return Err(first_error.unwrap_or_else(|| "no connection completed".into()));
         }
@@ -333,6 +372,7 @@ mod child {
             v.sort_unstable();
         }
         Ok(json!({
+            "clients": clients.max(1),
             "connections": ok, "seconds": el, "per_second": ok as f64 / el, "errors": errors,
             "first_error": first_error, "p50_us": pct(&ns, 500), "p99_us": pct(&ns, 990),
             "connect_p50_us": pct(&phases[0], 500), "echo_p50_us": pct(&phases[1], 500),
@@ -979,6 +1019,9 @@ mod harness {
         pin: Option<[String; 3]>,
         /// Measure the no-stack reference (`E2E_SKIP_REFERENCE=1` to leave it out).
         reference: bool,
+        /// `E2E_ROUNDS`: how many times the stacks are measured, one after another in turn
+        /// (usernet, slirp4netns, pasta, usernet, ...); each figure is the median of its rounds.
+        rounds: usize,
         /// `E2E_ONLY`: the metrics to measure, as key prefixes (`conn_rate`, `rr_`, `tcp_h2g`);
         /// empty for all.
         only: Vec<String>,
@@ -1090,6 +1133,11 @@ mod harness {
                     .any(|o| o.starts_with(prefix) || prefix.starts_with(o.as_str()))
         }
 
+        /// Whether the metric `key` is to be measured: `E2E_ONLY` names it or a prefix of it.
+        fn wants_key(&self, key: &str) -> bool {
+            self.only.is_empty() || self.only.iter().any(|o| key.starts_with(o.as_str()))
+        }
+
         fn from_env() -> Config {
             let target = PathBuf::from(MANIFEST_DIR).join("target");
             let stacks = list(&env_or("E2E_STACKS", "usernet,slirp4netns,pasta"))
@@ -1106,6 +1154,7 @@ mod harness {
                 secs: env_or("E2E_SECONDS", "3").parse().expect("E2E_SECONDS"),
                 idle: env_or("E2E_IDLE", "10000").parse().expect("E2E_IDLE"),
                 reference: env_or("E2E_SKIP_REFERENCE", "0") != "1",
+                rounds: env_or("E2E_ROUNDS", "1").parse().expect("E2E_ROUNDS"),
                 only: list(&env_or("E2E_ONLY", "")),
                 pin: pin(&env_or("E2E_PIN", "")),
                 echo: Echo::parse(&env_or("E2E_ECHO", "thread")),
@@ -1230,6 +1279,11 @@ mod harness {
         ("rr_p50", "1-byte ping-pong p50 (lower is better)", "us"),
         ("rr_p99", "1-byte ping-pong p99 (lower is better)", "us"),
         ("conn_rate", "connect + 1 byte each way + close", "conn/s"),
+        (
+            "conn_rate_4",
+            "the same, 4 clients at once, each one at a time",
+            "conn/s",
+        ),
     ];
 
     fn unit(key: &str) -> &'static str {
@@ -1566,7 +1620,7 @@ mod harness {
 
     /// Run the bench's client `role` in the guest against the echo server for the run's
     /// seconds: its JSON, with the stack's CPU time during the run.
-    fn timed_client(ctx: &Ctx, role: &str) -> Result<Value, String> {
+    fn timed_client(ctx: &Ctx, role: &str, extra: &[String]) -> Result<Value, String> {
         let secs = ctx.cfg.secs;
         ctx.cfg.budget_for(secs + 5)?;
         let cpu0 = ctx.cpu();
@@ -1574,7 +1628,11 @@ mod harness {
             ctx.cfg.child(
                 ctx.client_ns,
                 role,
-                &[ctx.host.into(), ECHO_PORT.to_string(), secs.to_string()],
+                &[
+                    &[ctx.host.into(), ECHO_PORT.to_string(), secs.to_string()],
+                    extra,
+                ]
+                .concat(),
             ),
             Duration::from_secs(secs + 15),
         );
@@ -1585,7 +1643,7 @@ mod harness {
     }
 
     fn latency(ctx: &Ctx) -> [Metric; 3] {
-        match timed_client(ctx, "latency") {
+        match timed_client(ctx, "latency", &[]) {
             Ok(v) => {
                 let min = v["min_us"].as_f64().unwrap_or(f64::NAN);
                 let p50 = v["p50_us"].as_f64().unwrap_or(f64::NAN);
@@ -1604,18 +1662,34 @@ mod harness {
         }
     }
 
-    fn connrate(ctx: &Ctx) -> Metric {
-        match timed_client(ctx, "connrate") {
+    /// The connection rate with `clients` connecting at once, each one connection at a time,
+    /// as `key`.
+    fn connrate(ctx: &Ctx, key: &'static str, clients: u32) -> Metric {
+        match timed_client(ctx, "connrate", &[clients.to_string()]) {
             Ok(v) => {
                 let r = v["per_second"].as_f64().unwrap_or(f64::NAN);
-                let mut m = Metric::ok("conn_rate", r, v.clone());
+                let mut m = Metric::ok(key, r, v.clone());
                 if v["errors"].as_u64().unwrap_or(0) > 0 {
                     m.note = Some(format!("{} errors", v["errors"]));
                 }
                 m
             }
-            Err(e) => Metric::err("conn_rate", e),
+            Err(e) => Metric::err(key, e),
         }
+    }
+
+    /// The connection rate one connection at a time, and with 4 clients at once (the rate
+    /// of a server under load, where the stack's own cost per connection counts rather than
+    /// the wake-ups along one connection's round trips); as many as `E2E_ONLY` asks for.
+    fn connrates(ctx: &Ctx) -> Vec<Metric> {
+        let mut v = Vec::new();
+        if ctx.cfg.wants_key("conn_rate") {
+            v.push(connrate(ctx, "conn_rate", 1));
+        }
+        if ctx.cfg.wants_key("conn_rate_4") {
+            v.push(connrate(ctx, "conn_rate_4", 4));
+        }
+        v
     }
 
     fn client_result(out: &Out) -> Result<Value, String> {
@@ -1654,9 +1728,7 @@ mod harness {
         if want("rr_") {
             v.extend(latency(ctx));
         }
-        if want("conn_rate") {
-            v.push(connrate(ctx));
-        }
+        v.extend(connrates(ctx));
         v
     }
 
@@ -1772,9 +1844,7 @@ mod harness {
         if cfg.wants("rr_") {
             row.metrics.extend(latency(&ctx));
         }
-        if cfg.wants("conn_rate") {
-            row.metrics.push(connrate(&ctx));
-        }
+        row.metrics.extend(connrates(&ctx));
         row.setup = Ok(json!({ "what": "client and echo server on S's loopback, no stack" }));
         row
     }
@@ -1854,6 +1924,66 @@ mod harness {
             rows.push(r);
         }
         drop(stack_bg);
+    }
+
+    /// The rows of several rounds as one row per stack, variant and MTU: each metric the
+    /// median of the rounds that measured it (its detail that round's, with every round's
+    /// figure in `rounds`), an error only where no round measured it.
+    fn medians(rows: Vec<Row>) -> Vec<Row> {
+        let mut merged: Vec<(Row, Vec<Vec<Metric>>)> = Vec::new();
+        for r in rows {
+            let i = match merged.iter().position(|(m, _)| {
+                (m.stack.as_str(), m.variant, m.mtu) == (r.stack.as_str(), r.variant, r.mtu)
+            }) {
+                Some(i) => i,
+                None => {
+                    let head = Row {
+                        metrics: Vec::new(),
+                        setup: Err(String::new()),
+                        stack: r.stack.clone(),
+                        ..r
+                    };
+                    merged.push((head, Vec::new()));
+                    merged.len() - 1
+                }
+            };
+            let (head, rounds) = &mut merged[i];
+            if head.setup.is_err() && r.setup.is_ok() || rounds.is_empty() {
+                head.setup = r.setup;
+            }
+            rounds.push(r.metrics);
+        }
+        merged
+            .into_iter()
+            .map(|(mut row, rounds)| {
+                if rounds.len() == 1 {
+                    row.metrics = rounds.into_iter().next().unwrap_or_default();
+                    return row;
+                }
+                let mut all: Vec<Metric> = rounds.into_iter().flatten().collect();
+                while let Some(key) = all.first().map(|m| m.key) {
+                    let (these, rest): (Vec<Metric>, Vec<Metric>) =
+                        all.into_iter().partition(|m| m.key == key);
+                    all = rest;
+                    let (mut ok, errs): (Vec<Metric>, Vec<Metric>) =
+                        these.into_iter().partition(|m| m.value.is_ok());
+                    let v = |m: &Metric| m.value.clone().unwrap_or(f64::NAN);
+                    let figures: Vec<f64> = ok.iter().map(v).collect();
+                    ok.sort_by(|a, b| v(a).total_cmp(&v(b)));
+                    if ok.is_empty() {
+                        row.metrics.extend(errs.into_iter().next());
+                        continue;
+                    }
+                    let mut m = ok.swap_remove((ok.len() - 1) / 2);
+                    if let Value::Object(o) = &mut m.detail {
+                        o.insert("rounds".into(), json!(figures));
+                        o.insert("rounds_failed".into(), json!(errs.len()));
+                    }
+                    row.metrics.push(m);
+                }
+                row
+            })
+            .collect()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -2456,24 +2586,31 @@ poweroff -f
         );
 
         let mut rows = Vec::new();
-        if cfg.reference && !cfg.stacks.is_empty() {
-            rows.push(run_reference(&cfg));
-        }
-        for &mtu in &cfg.mtus {
-            for &stack in &cfg.stacks {
-                run_stack(&cfg, stack, mtu, &mut rows);
+        for round in 0..cfg.rounds.max(1) {
+            if cfg.rounds > 1 {
+                progress(&cfg, &format!("round {} of {}", round + 1, cfg.rounds));
+            }
+            if cfg.reference && !cfg.stacks.is_empty() {
+                rows.push(run_reference(&cfg));
+            }
+            for &mtu in &cfg.mtus {
+                for &stack in &cfg.stacks {
+                    run_stack(&cfg, stack, mtu, &mut rows);
+                }
             }
         }
+        let rows = medians(rows);
         let vms = if cfg.vm { run_vms(&cfg) } else { Vec::new() };
 
         let (table, ratios) = report(&cfg, &rows, &vms);
         let load_end = loadavg();
         println!(
-            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}{}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
+            "\n## e2e: {date}, tree {tree}{}, usernet built {usernet_built}{}{}{}{}, load average {load_start} at start, {load_end} at end, {:.0} s",
             if uncommitted.is_empty() { String::new() } else { format!(" (uncommitted: {})", uncommitted.join(", ")) },
             if cfg.usernet_args.is_empty() { String::new() } else { format!(", usernet args {}", cfg.usernet_args.join(" ")) },
             match &cfg.pin { None => String::new(), Some([s, c, v]) => format!(", pinned: stack on CPU {s}, clients {c}, servers {v}") },
             if cfg.echo == Echo::Thread { String::new() } else { format!(", echo server: {}", cfg.echo.name()) },
+            if cfg.rounds > 1 { format!(", each figure the median of {} rounds", cfg.rounds) } else { String::new() },
             cfg.elapsed()
         );
         println!("{table}");
@@ -2498,6 +2635,7 @@ poweroff -f
             "idle_connections": cfg.idle,
             "pin": cfg.pin.as_ref().map(|[s, c, v]| json!({ "stack": s, "clients": c, "servers": v })),
             "echo_server": cfg.echo.name(),
+            "rounds": cfg.rounds,
             "versions": versions,
             "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
             "vm": vms.iter().map(Row::json).collect::<Vec<_>>(),
