@@ -87,6 +87,17 @@ fn curl(rig: &OutboundRig, url: &str) -> RunOutput {
 }
 
 #[track_caller]
+/// The JSON lines `srv` printed, once one of them is `reported` (within 5 s): a server
+/// reports after it answered, so its client can be done first.
+fn lines_once_reported(srv: &BgProcess, reported: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    poll_until(Duration::from_secs(5), || {
+        seen = json_lines(&srv.stdout());
+        seen.iter().any(&reported)
+    });
+    seen
+}
+
 fn assert_curl(rig: &OutboundRig, url: &str, want: &str, server: &mut BgProcess) {
     let out = curl(rig, url);
     let res = if out.success() {
@@ -356,13 +367,8 @@ fn half_close_both_ways() {
                 srv.describe()
             ));
         }
-        // The server reports after it answered: wait for its line.
         let reported = |l: &Value| s(l, "peer") == peer && u(l, "got") == REQ;
-        let mut seen = Vec::new();
-        poll_until(Duration::from_secs(5), || {
-            seen = json_lines(&srv.stdout());
-            seen.iter().any(reported)
-        });
+        let seen = lines_once_reported(&srv, reported);
         rig.check(
             seen.iter().any(reported),
             format!(
@@ -1399,13 +1405,8 @@ fn udp_echo_sizes_and_flow_timeout() {
                 srv.describe()
             ));
         }
-        // The server reports after it echoed: wait for its line.
         let reported = |l: &Value| s(l, "peer") == peer && u(l, "len") == 60000;
-        let mut seen = Vec::new();
-        poll_until(Duration::from_secs(5), || {
-            seen = json_lines(&srv.stdout());
-            seen.iter().any(reported)
-        });
+        let seen = lines_once_reported(srv, reported);
         rig.check(
             seen.iter().any(reported),
             format!(
