@@ -230,11 +230,7 @@ pub fn start(
         Arc::new(move |frame: &Bytes, partial| {
             let q = queue_of(tap).unwrap_or(0);
             let q = if direct[q].is_attached() { q } else { 0 };
-            if direct[q].offer(frame, partial) {
-                Fast::Taken
-            } else {
-                Fast::Declined
-            }
+            direct[q].offer(frame, partial)
         }),
     );
     // Each queue's thread owns its worker; the NAT's [`Queues`] only refer to them.
@@ -471,19 +467,20 @@ impl Egress {
         }
     }
 
-    /// The switch's fast path for this port: takes every unicast frame (true).
-    fn offer(&self, frame: &Bytes, partial: Option<Partial>) -> bool {
+    /// The switch's fast path for this port: takes every unicast frame, save one whose checksum
+    /// is left partial where the device takes no vnet header.
+    fn offer(&self, frame: &Bytes, partial: Option<Partial>) -> Fast {
         if partial.is_some() && !self.vnet {
-            return false; // the switch completes it and queues it
+            return Fast::Declined; // the switch completes it and queues it
         }
         if let Some(datagrams) = self.cut(frame, partial) {
             for d in datagrams {
                 self.offer(&d, None);
             }
-            return true;
+            return Fast::Taken;
         }
         let Some(header) = self.header(frame, partial) else {
-            return true;
+            return Fast::Taken;
         };
         let mut st = self.state.lock().unwrap();
         if st.queue.is_empty() && !st.writing {
@@ -495,25 +492,25 @@ impl Egress {
             ) {
                 Ok(()) => {
                     self.busy.frame();
-                    return true;
+                    return Fast::Taken;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // EIO: the link is down in the namespace; the frame is lost, the port stays.
-                Err(e) if e.raw_os_error() == Some(libc::EIO) => return true,
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => return Fast::Taken,
                 Err(e) => {
                     tracing::debug!(port = self.port.id(), "tap write: {e}");
-                    return true;
+                    return Fast::Taken;
                 }
             }
         }
         if st.queue.len() >= crate::switch::PORT_QUEUE {
             SwitchCounters::bump(&self.port.switch().counters().drop_queue_full);
-            return true;
+            return Fast::Taken;
         }
         st.queue.push_back((frame.clone(), partial));
         drop(st);
         self.notify.notify_one();
-        true
+        Fast::Taken
     }
 
     /// A frame of several UDP datagrams for a kernel that takes no such frames: the
