@@ -1931,27 +1931,18 @@ mod harness {
     /// figure in `rounds`), an error only where no round measured it.
     fn medians(rows: Vec<Row>) -> Vec<Row> {
         let mut merged: Vec<(Row, Vec<Vec<Metric>>)> = Vec::new();
-        for r in rows {
-            let i = match merged.iter().position(|(m, _)| {
-                (m.stack.as_str(), m.variant, m.mtu) == (r.stack.as_str(), r.variant, r.mtu)
-            }) {
-                Some(i) => i,
-                None => {
-                    let head = Row {
-                        metrics: Vec::new(),
-                        setup: Err(String::new()),
-                        stack: r.stack.clone(),
-                        ..r
-                    };
-                    merged.push((head, Vec::new()));
-                    merged.len() - 1
+        for mut r in rows {
+            let metrics = std::mem::take(&mut r.metrics);
+            let same = |m: &Row| (&m.stack, m.variant, m.mtu) == (&r.stack, r.variant, r.mtu);
+            match merged.iter_mut().find(|(m, _)| same(m)) {
+                Some((head, rounds)) => {
+                    if head.setup.is_err() && r.setup.is_ok() {
+                        head.setup = r.setup;
+                    }
+                    rounds.push(metrics);
                 }
-            };
-            let (head, rounds) = &mut merged[i];
-            if head.setup.is_err() && r.setup.is_ok() || rounds.is_empty() {
-                head.setup = r.setup;
+                None => merged.push((r, vec![metrics])),
             }
-            rounds.push(r.metrics);
         }
         merged
             .into_iter()
@@ -2394,7 +2385,7 @@ poweroff -f
             out.push_str(&format!("| {} |\n", head.join(" | ")));
             out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
             for (key, label, unit) in METRICS {
-                if !cfg.wants(key) {
+                if !cfg.wants_key(key) {
                     continue;
                 }
                 let mut cells = vec![label.to_string(), unit.to_string()];
@@ -2460,7 +2451,7 @@ poweroff -f
             out.push_str(&format!("| {} |\n", head.join(" | ")));
             out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
             for (key, label, unit) in METRICS {
-                if !cfg.wants(key) || (reference.get(key).is_none() && reference.setup.is_ok()) {
+                if !cfg.wants_key(key) || (reference.get(key).is_none() && reference.setup.is_ok()) {
                     continue;
                 }
                 let (c, base) = cell(Some(reference), key, &mut notes, "no stack");
