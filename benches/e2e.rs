@@ -2451,7 +2451,8 @@ poweroff -f
             out.push_str(&format!("| {} |\n", head.join(" | ")));
             out.push_str(&format!("|{}\n", "---|".repeat(head.len())));
             for (key, label, unit) in METRICS {
-                if !cfg.wants_key(key) || (reference.get(key).is_none() && reference.setup.is_ok()) {
+                if !cfg.wants_key(key) || (reference.get(key).is_none() && reference.setup.is_ok())
+                {
                     continue;
                 }
                 let (c, base) = cell(Some(reference), key, &mut notes, "no stack");
