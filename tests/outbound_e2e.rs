@@ -86,7 +86,6 @@ fn curl(rig: &OutboundRig, url: &str) -> RunOutput {
     )
 }
 
-#[track_caller]
 /// The JSON lines `srv` printed, once one of them is `reported` (within 5 s): a server
 /// reports after it answered, so its client can be done first.
 fn lines_once_reported(srv: &BgProcess, reported: impl Fn(&Value) -> bool) -> Vec<Value> {
@@ -98,6 +97,7 @@ fn lines_once_reported(srv: &BgProcess, reported: impl Fn(&Value) -> bool) -> Ve
     seen
 }
 
+#[track_caller]
 fn assert_curl(rig: &OutboundRig, url: &str, want: &str, server: &mut BgProcess) {
     let out = curl(rig, url);
     let res = if out.success() {
