@@ -1433,7 +1433,7 @@ fn udp_echo_sizes_and_flow_timeout() {
     );
     let exchanged = Instant::now();
     // The server reports a datagram after echoing it: wait for its line.
-    let mut both = ports(&on_s);
+    let mut both = Default::default();
     poll_until(Duration::from_secs(5), || {
         both = ports(&on_s);
         both.len() >= 2
